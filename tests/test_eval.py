@@ -1,0 +1,236 @@
+"""eval.py: metrics against slow twins and hand-worked cases, probes on planted signals and on
+noise, the segmentation head on a toy mask set, and the command line end to end on phantoms.
+
+CPU only, seconds each: the backbone in the end-to-end test is a random ViT-Ti on 56-px images.
+"""
+import csv
+import itertools
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import data  # noqa: E402
+import eval as ev  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """As eval.main does for its probes: tiny ops on several busy threads run 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+# ===== metrics =====
+
+def auroc_pairs(positive, score):
+    """The definition: over every (positive, negative) pair, 1 if the positive scores higher, 1/2 on a tie."""
+    pos, neg = score[positive], score[~positive]
+    return np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg)])
+
+
+def auprc_steps(positive, score):
+    """Average precision the long way: lower the threshold one distinct score at a time, and add
+    (recall gained) x (precision there)."""
+    total, recall_before = 0.0, 0.0
+    for threshold in sorted(set(score.tolist()), reverse=True):
+        called = score >= threshold
+        true_pos = np.sum(called & positive)
+        recall = true_pos / positive.sum()
+        total += (recall - recall_before) * true_pos / called.sum()
+        recall_before = recall
+    return total
+
+
+def test_hand_worked_metrics():
+    assert ev.average_ranks(np.array([5, 7, 7, 9])).tolist() == [1, 2.5, 2.5, 4]
+    # Positives 0.35 and 0.8 against negatives 0.1 and 0.4: 3 of the 4 pairs are ordered right.
+    assert ev.auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+    assert ev.auroc([0, 1], [0.3, 0.3]) == 0.5  # a tie is a coin flip
+    assert np.isnan(ev.auroc([1, 1], [0.2, 0.3]))  # no negatives: undefined, not 1
+    # Ranked 1, 0, 1: precision 1 at recall 1/2, then 2/3 at recall 1.
+    assert ev.auprc([1, 0, 1], [0.9, 0.8, 0.7]) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert ev.auprc([1, 0, 1], [0.9, 0.9, 0.9]) == pytest.approx(2 / 3)  # one threshold: the base rate
+    pred = np.zeros((2, 4, 4), bool)
+    true = np.zeros((2, 4, 4), bool)
+    pred[0, :2], true[0, 1:3] = True, True  # 8 and 8 pixels, 4 shared
+    dice, iou = ev.dice_iou(pred, true)
+    assert dice.tolist() == [0.5, 1.0] and iou.tolist() == [4 / 12, 1.0]  # image 2: both empty
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    assert ev.r2(y, y) == 1 and ev.r2(y, np.full(4, 2.5)) == 0 and ev.r2(y, y + 1) == pytest.approx(1 - 4 / 5)
+    assert ev.pearson(y, 3 * y - 7) == pytest.approx(1) and ev.pearson(y, -y) == pytest.approx(-1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_auroc_and_auprc_match_their_slow_twins(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 60))
+    positive = rng.random(n) < rng.uniform(0.2, 0.8)
+    positive[:2] = [True, False]
+    # Coarse integer scores make many ties, the case a rank formula gets wrong first.
+    score = rng.integers(0, 6, n).astype(float) if seed % 2 else rng.normal(size=n) + positive
+    assert ev.auroc(positive, score) == pytest.approx(auroc_pairs(positive, score), abs=1e-12)
+    assert ev.auprc(positive, score) == pytest.approx(auprc_steps(positive, score), abs=1e-12)
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    assert ev.pearson(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
+
+
+def test_macro_metrics_skip_classes_absent_from_the_test_set():
+    rng = np.random.default_rng(0)
+    y, prob = np.array([0, 0, 1, 1, 0, 1]), rng.dirichlet(np.ones(3), size=6)  # class 2 never occurs
+    expected = np.mean([ev.auroc(y == c, prob[:, c]) for c in (0, 1)])
+    assert ev.CLASSIFICATION["auroc"](y, prob) == pytest.approx(expected)
+    assert ev.CLASSIFICATION["auroc"](y, prob[:, :2]) == ev.auroc(y == 1, prob[:, 1])  # binary: class 1
+
+
+def test_bootstrap_interval_brackets_the_value_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    y = rng.random(80) < 0.5
+    score = y + rng.normal(size=80)
+    first = ev.with_ci({"auroc": ev.auroc}, [y, score])["auroc"]
+    assert first == ev.with_ci({"auroc": ev.auroc}, [y, score])["auroc"]
+    assert first["ci"][0] < first["value"] < first["ci"][1] and first["ci"][1] - first["ci"][0] < 0.4
+
+# ===== probes =====
+
+def planted(n=300, dim=32, seed=0):
+    """Gaussian features, a split column 60/20/20, and a latent that only feature 3 carries."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, dim))
+    split = np.array(["train"] * (6 * n // 10) + ["val"] * (2 * n // 10) + ["test"] * (2 * n // 10))
+    return x, x[:, 3] + 0.3 * rng.normal(size=n), split, rng
+
+
+def test_logistic_probe_finds_a_planted_signal_and_not_noise():
+    x, latent, split, rng = planted()
+    found = ev.logistic_probe(x, (latent > 0).astype(int), split)
+    assert found["auroc"]["value"] > 0.9 and found["accuracy"]["value"] > 0.8
+    chance = ev.logistic_probe(x, (rng.random(len(x)) < 0.5).astype(int), split)
+    assert 0.3 < chance["auroc"]["value"] < 0.7
+    assert chance["l2"] >= found["l2"]  # noise should want at least as much regularisation
+    three = np.digitize(latent, [-0.5, 0.5])  # three classes from the same latent
+    multi = ev.logistic_probe(x, three, split)
+    assert multi["accuracy"]["value"] > 0.6 and multi["auroc"]["value"] > 0.85  # chance: 1/3 and 0.5
+
+
+def test_knn_probe_votes_with_the_nearest_train_images():
+    x, latent, split, rng = planted()
+    y = (latent > 0).astype(int)
+    clustered = x + 4 * np.eye(x.shape[1])[y]  # each class pushed along its own axis
+    assert ev.knn_probe(clustered, y, split)["accuracy"]["value"] > 0.9
+    assert 0.3 < ev.knn_probe(x, (rng.random(len(x)) < 0.5).astype(int), split)["auroc"]["value"] < 0.7
+
+
+def test_ridge_probe_recovers_a_linear_target_and_shrinks_on_noise():
+    x, latent, split, rng = planted()
+    age = 50 + 10 * latent
+    found = ev.ridge_probe(x, age, split)
+    assert found["r2"]["value"] > 0.8 and found["pearson"]["value"] > 0.9 and found["mae"]["value"] < 4
+    noise = ev.ridge_probe(x, rng.normal(size=len(x)), split)
+    # Pure noise: val should push alpha far above the clean case's, and R^2 should stay near 0.
+    assert noise["alpha"] >= 100 * found["alpha"] and noise["r2"]["value"] < 0.1
+
+
+def test_ridge_matches_the_normal_equations():
+    x, latent, split, _ = planted(n=100, dim=8)
+    train = split == "train"
+    z = ev.standardize(x, train)
+    # One alpha in the grid makes the selection trivial; the SVD form must equal (X'X + aI)^-1 X'y.
+    target = latent * 3 + 1
+    w = np.linalg.solve(z[train].T @ z[train] + 10 * np.eye(8), z[train].T @ (target[train] - target[train].mean()))
+    expected = z[split == "test"] @ w + target[train].mean()
+    result = ev.ridge_probe(x, target, split, alpha_grid=(10.0,))
+    assert result["mae"]["value"] == pytest.approx(np.mean(np.abs(expected - target[split == "test"])))
+
+
+def test_seg_head_learns_a_mask_from_features_that_carry_it():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((24, 8, 8), bool)
+    for mask in masks:  # a random rectangle per image
+        top, left = rng.integers(0, 4, 2)
+        mask[top:top + rng.integers(2, 5), left:left + rng.integers(2, 5)] = True
+    # Patch features (B, D=6, g=8, g=8): channel 0 says "inside", channel 1 "outside", four noise.
+    features = rng.normal(0, 0.3, (24, 6, 8, 8))
+    features[:, 0] += masks
+    features[:, 1] += ~masks
+    patch, true = torch.tensor(features, dtype=torch.float32), torch.from_numpy(masks).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    head = ev.train_seg_head(patch[:16], true[:16], steps=150)
+    with torch.no_grad():
+        pred = (ev.segment(head, patch[16:], 32) > 0).numpy()
+    assert ev.dice_iou(pred, true[16:].numpy())[0].mean() > 0.9
+
+
+def test_masks_land_on_the_same_pixels_as_the_images():
+    image = np.full((90, 70), 40, np.uint8)  # portrait and not square: the resize and crop both act
+    image[30:70, 10:45] = 220
+    size = 28
+    seen = data.preprocess(image, size)[0].numpy() > (130 / 255 - data.MEAN) / data.STD
+    mask = ev.preprocess_mask((image > 128).astype(np.uint8) * 255, size)
+    assert mask.shape == (size, size) and mask.dtype == bool
+    assert np.mean(seen == mask) > 0.97  # bicubic and nearest may disagree on the edge pixels only
+
+# ===== the command line =====
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    return data.make_phantoms(tmp_path_factory.mktemp("phantoms"), n=40, size=64, seed=1).parent
+
+
+def test_cli_end_to_end_and_the_cache(phantoms, tmp_path, capsys):
+    out = tmp_path / "eval" / "results.json"
+    argv = ["--backbone", "random:vit_tiny", "--data", str(phantoms), "--size", "56", "--out", str(out)]
+    report = ev.main(argv + ["--task", "all", "--label", "finding"])
+    results = report["results"]["random:vit_tiny"]
+    assert set(results) == {"linear/finding", "knn/finding", "seg", "age", "sex", "pca"}
+    assert set(results["linear/finding"]) >= {"auroc", "auprc", "accuracy", "l2", "n", "classes", "dropped"}
+    assert set(results["linear/finding"]["classes"]) <= set(data.FINDINGS) and results["sex"]["classes"] == ["F", "M"]
+    assert results["seg"]["n"] == {"train": 24, "test": 8} and 0 <= results["seg"]["dice"]["value"] <= 1
+    assert Path(results["pca"]["png"]).is_file() and Image.open(results["seg"]["png"]).size[1] == 56
+    saved = out.read_text()
+    assert '"auroc"' in saved and "NaN" not in saved and "random:vit_tiny" in saved
+    assert "python eval.py --backbone random:vit_tiny" in capsys.readouterr().out
+
+    cache, = out.parent.glob("features-*.pt")
+    stamp = cache.stat().st_mtime_ns
+    again = ev.main(argv + ["--task", "linear", "--label", "finding"])
+    assert "features from the cache" in capsys.readouterr().out and cache.stat().st_mtime_ns == stamp
+    assert again["results"]["random:vit_tiny"]["linear/finding"] == results["linear/finding"]
+
+
+def rewrite(table, out_dir, change):
+    """A copy of a labels.csv with each row passed through change(row), images still found."""
+    rows = list(csv.DictReader(open(table)))
+    with open(out_dir / "labels.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(change({**row, "image": str(table.parent / row["image"]),
+                                 "mask": str(table.parent / row["mask"])}) for row in rows)
+    return out_dir
+
+
+def test_missing_columns_and_splits_are_named(phantoms, tmp_path):
+    argv = ["--backbone", "random:vit_tiny", "--size", "56", "--out", str(tmp_path / "r.json")]
+    with pytest.raises(ValueError, match=r"labels\.csv: no 'smoker' column"):
+        ev.main(argv + ["--data", str(phantoms), "--label", "smoker"])
+    no_val = rewrite(phantoms / "labels.csv", tmp_path, lambda row: {**row, "split": row["split"].replace("val", "train")})
+    with pytest.raises(ValueError, match=r"labels\.csv: .*split 'val'"):
+        ev.main(argv + ["--data", str(no_val), "--task", "linear"])
+    assert not list(tmp_path.glob("features-*.pt"))  # both failed before any feature was computed
+    with pytest.raises(ValueError, match="task 'seg' needs a 'mask' column"):
+        ev.main(argv + ["--data", str(rewrite(phantoms / "labels.csv", tmp_path, lambda row: {**row, "mask": ""})),
+                        "--task", "seg"])
+
+
+def test_newest_checkpoint_goes_by_modification_time(tmp_path):
+    assert ev.newest_checkpoint(tmp_path) is None
+    for name, when in (("a/checkpoint_000900.pt", 300), ("b/checkpoint_000100.pt", 500), ("c/other.pt", 900)):
+        (tmp_path / name).parent.mkdir()
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (when, when))
+    assert ev.newest_checkpoint(tmp_path) == tmp_path / "b" / "checkpoint_000100.pt"
