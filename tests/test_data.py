@@ -1,0 +1,399 @@
+"""data.py: loading, tables, phantoms, multi-crop, preprocessing, masks, collate, loader.
+
+CPU only and fast: small phantoms, small crops. The real-data tests read
+../shared/data/covid-cxr (relative to the repository) and skip if it is absent.
+"""
+import io
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import data  # noqa: E402
+
+COVID = Path(__file__).parents[1] / ".." / "shared" / "data" / "covid-cxr"
+needs_covid = pytest.mark.skipif(not (COVID / "labels.csv").is_file(), reason="no covid-cxr")
+
+# Small crops keep the loader tests fast; the geometry is the same at any size.
+SMALL = dict(global_size=32, local_size=16, n_local=2)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    return data.make_phantoms(tmp_path_factory.mktemp("synthetic"), n=24, size=64, seed=3)
+
+
+def gray(height=256, width=264, seed=0):
+    """A smooth random 8-bit image: structure at every scale, like a radiograph."""
+    noise = np.random.default_rng(seed).random((height // 8, width // 8))
+    image = Image.fromarray((noise * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC)
+    return np.asarray(image).copy()
+
+
+def plain(**changes):
+    """A MultiCrop with every random photometric step off, for geometry tests."""
+    settings = dict(flip_prob=0, jitter_prob=0, blur_probs=(0, 0, 0), solarize_prob=0)
+    return data.MultiCrop(**{**settings, **changes})
+
+# ===== loading =====
+
+def save(path, image, **kwargs):
+    image.save(path, **kwargs)
+    return path
+
+
+def test_valid_files_load_as_gray(tmp_path):
+    rgba = np.zeros((8, 10, 4), np.uint8)
+    rgba[..., :3], rgba[..., 3] = 100, 0  # fully transparent: alpha is dropped, not applied
+    assert (data.load_image(save(tmp_path / "a.png", Image.fromarray(rgba))) == 100).all()
+    palette = Image.new("P", (10, 8))
+    palette.putpalette([v for i in range(256) for v in (i, i, i)])
+    palette.putdata([7] * 80)
+    assert (data.load_image(save(tmp_path / "p.png", palette)) == 7).all()
+    cmyk = data.load_image(save(tmp_path / "c.jpg", Image.new("CMYK", (10, 8), (0, 0, 0, 0))))
+    assert cmyk.dtype == np.uint8 and cmyk.shape == (8, 10) and cmyk.min() > 250  # white
+    deep = np.array([[0, 256, 65535]], np.uint16)
+    loaded = data.load_image(save(tmp_path / "d.png", Image.fromarray(deep)))
+    assert loaded.dtype == np.uint16 and loaded.tolist() == deep.tolist()
+    assert data.load_image(save(tmp_path / "d.tif", Image.fromarray(deep))).tolist() == deep.tolist()
+    big_endian = Image.frombytes("I;16B", (3, 1), deep.astype(">u2").tobytes())
+    assert data.load_image(save(tmp_path / "b.tif", big_endian)).tolist() == deep.tolist()
+    assert data.load_image(save(tmp_path / "one.png", Image.new("1", (4, 4), 1))).max() == 255
+    assert np.allclose(data.to_unit(deep), [[0, 256 / 65535, 1]]) and data.to_unit(deep).dtype == np.float32
+
+
+def test_bad_files_raise_image_error_naming_the_file(tmp_path, monkeypatch):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.png").write_text("not an image at all")
+    whole = io.BytesIO()
+    Image.fromarray(gray(64, 64)).save(whole, "PNG")
+    (tmp_path / "cut.png").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    save(tmp_path / "float.tif", Image.fromarray(np.ones((4, 4), np.float32)))
+    causes = {"empty.png": "empty", "text.png": "not a PNG", "cut.png": "truncated",
+              "missing.png": "no such file", "float.tif": "float"}
+    for name, cause in causes.items():
+        with pytest.raises(data.ImageError, match=cause) as error:
+            data.load_image(tmp_path / name)
+        assert name in str(error.value)
+    bomb = save(tmp_path / "bomb.png", Image.new("L", (40, 40)))  # 1600 pixels
+    for limit in (500, 1000):  # over 2x the limit Pillow raises; between 1x and 2x it warns
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+        with pytest.raises(data.ImageError, match="bomb.png: too many pixels"):
+            data.load_image(bomb)
+
+# ===== tables =====
+
+def test_read_table_errors_name_the_csv_and_the_column(tmp_path):
+    Image.new("L", (4, 4)).save(tmp_path / "x.png")
+    table = tmp_path / "labels.csv"
+    cases = {"name,split\nx.png,train\n": "no 'image' column",
+             "image\nx.png\n": "no 'sex' column",
+             "image,split\nx.png,train\n": "no rows with split 'val'",
+             "image,split\ngone.png,val\n": "line 2: no image file at 'gone.png'",
+             "image,split\n,val\n": "line 2: no image file at ''"}
+    for text, message in cases.items():
+        table.write_text(text)
+        with pytest.raises(ValueError, match=message) as error:
+            data.read_table(tmp_path, split="val", require=("sex",) if "sex" in message else ())
+        assert str(table) in str(error.value)
+    table.write_text("image\nx.png\n")
+    with pytest.raises(ValueError, match="no 'split' column"):
+        data.read_table(table, split="train")
+    (tmp_path / "empty_folder").mkdir()
+    with pytest.raises(ValueError, match="empty_folder: no images"):
+        data.image_paths(tmp_path / "empty_folder")
+
+
+def test_list_images_and_image_paths(tmp_path):
+    for name in ("b/one.PNG", "a.jpg", "c/d/e.tiff", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    expected = [tmp_path / "a.jpg", tmp_path / "b/one.PNG", tmp_path / "c/d/e.tiff"]
+    assert data.list_images(tmp_path) == expected == data.image_paths(tmp_path)
+
+
+@needs_covid
+def test_covid_table():
+    rows = data.read_table(COVID)
+    assert len(rows) == 653
+    splits = [row["split"] for row in rows]
+    assert [splits.count(s) for s in ("train", "val", "test")] == [409, 159, 85]
+    assert sum(row["mask"] is not None for row in rows) == 192
+    assert all(row["image"].is_absolute() and row["image"].is_file() for row in rows)
+    assert len(data.image_paths(COVID, split="val")) == 159
+
+# ===== phantoms =====
+
+def test_phantoms_are_deterministic(phantoms, tmp_path):
+    again = data.make_phantoms(tmp_path / "again", n=24, size=64, seed=3)
+    other = data.make_phantoms(tmp_path / "other", n=24, size=64, seed=4)
+    files = sorted(p.relative_to(phantoms.parent) for p in phantoms.parent.rglob("*.*"))
+    assert len(files) == 24 * 2 + 2
+    for f in files:
+        assert (phantoms.parent / f).read_bytes() == (again.parent / f).read_bytes()
+    assert (phantoms.parent / files[2]).read_bytes() != (other.parent / files[2]).read_bytes()
+    assert "Synthetic" in (phantoms.parent / "README.txt").read_text()
+    rows = data.read_table(phantoms)
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    assert [r["split"] for r in rows].count("train") == round(0.6 * 24)
+
+
+def test_phantom_labels_match_the_pixels():
+    for key in range(6):
+        image, lungs = data.draw_phantom(128, "F" if key % 2 else "M", 30 + 10 * key, "none",
+                                         key=(key,))
+        assert 0.1 < lungs.mean() < 0.4
+        # The lungs are the dark regions of the chest: a ring just outside them is brighter.
+        grown = lungs.copy()
+        for shift in (-4, 4):
+            grown |= np.roll(lungs, shift, 0) | np.roll(lungs, shift, 1)
+        assert image[grown & ~lungs].mean() > image[lungs].mean() + 40
+        for finding in ("nodule", "opacity", "effusion"):
+            sick, same_lungs = data.draw_phantom(128, "M", 50, finding, key=(key,))
+            healthy, _ = data.draw_phantom(128, "M", 50, "none", key=(key,))
+            changed = sick != healthy
+            assert changed.sum() > 10 and not (changed & ~same_lungs).any(), finding
+            assert sick[changed].astype(int).sum() > healthy[changed].astype(int).sum()
+    with pytest.raises(ValueError, match="finding"):
+        data.draw_phantom(32, "M", 50, "fracture")
+
+# ===== multi-crop =====
+
+def test_crop_sizes_and_dtype():
+    crops = data.MultiCrop()(gray(), np.random.default_rng(0))
+    assert [tuple(c.shape) for c in crops["global"]] == [(1, 224, 224)] * 2
+    assert [tuple(c.shape) for c in crops["local"]] == [(1, 98, 98)] * 8
+    assert all(c.dtype == torch.float32 for c in crops["global"] + crops["local"])
+
+
+@pytest.mark.parametrize("scale", [(0.32, 1.0), (0.05, 0.32)])
+def test_crop_box_scale_and_aspect_statistics(scale):
+    rng, height, width = np.random.default_rng(0), 518, 560
+    boxes = np.array([data.random_crop_box(height, width, scale, (3 / 4, 4 / 3), rng)
+                      for _ in range(4000)])
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= height).all() and (left + w <= width).all()
+    area = h * w / (height * width)
+    assert ((area > scale[0] * 0.97) & (area < scale[1] * 1.03)).mean() > 0.99
+    log_aspect = np.log(w / h)
+    assert abs(log_aspect.mean()) < 0.02 and np.abs(log_aspect).max() < math.log(4 / 3) + 0.05
+    # Uniform in log aspect: the spread of a uniform on +-log(4/3) is log(4/3) / sqrt(3).
+    assert abs(log_aspect.std() - math.log(4 / 3) / math.sqrt(3)) < 0.02
+
+
+def test_crop_box_falls_back_to_a_centre_crop():
+    rng = np.random.default_rng(0)  # an aspect range no box on a 100 x 400 image can meet
+    assert data.random_crop_box(100, 400, (0.9, 1.0), (0.5, 0.6), rng) == (0, 170, 100, 60)
+
+
+def test_crops_are_deterministic_under_a_seed():
+    multicrop, image = data.MultiCrop(), gray()
+    first, again, other = (multicrop(image, np.random.default_rng(s)) for s in (5, 5, 6))
+    for kind in ("global", "local"):
+        for a, b, c in zip(first[kind], again[kind], other[kind]):
+            assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_crop_is_a_bicubic_resize_of_the_box():
+    # Whole-image box (scale 1, aspect 1 on a square image), no photometric steps: the crop
+    # must be Pillow's bicubic resize, which torchvision uses on PIL images: torch's kernel
+    # rounds differently on under 1% of pixels, by at most 2 gray levels.
+    image = gray(200, 200)
+    crop = plain(global_scale=(1, 1), ratio=(1, 1))(image, np.random.default_rng(0))["global"][0]
+    pillow = np.asarray(Image.fromarray(image).resize((224, 224), Image.BICUBIC), np.float32)
+    ours = crop[0].numpy() * data.STD + data.MEAN
+    difference = np.abs(ours * 255 - pillow)
+    assert difference.max() < 2.01 and (difference > 0.01).mean() < 0.01
+
+
+def test_sixteen_bit_sources_keep_their_depth():
+    image = np.full((200, 200), 30000, np.uint16)
+    image[:, 100:] = 30100  # the same 8-bit level (30000 / 257 = 116.7, 30100 / 257 = 117.1)
+    crop = plain(global_scale=(1, 1), ratio=(1, 1))(image, np.random.default_rng(0))["global"][0]
+    unit = crop[0].numpy() * data.STD + data.MEAN
+    assert np.allclose(unit[:, :100], 30000 / 65535, atol=1e-6)
+    assert np.allclose(unit[:, -100:], 30100 / 65535, atol=1e-6)
+    full = data.MultiCrop()(image, np.random.default_rng(0))  # and every step runs on it
+    assert all(torch.isfinite(c).all() for c in full["global"] + full["local"])
+
+
+def test_blur_and_solarize_hit_only_their_crops():
+    # The upstream defect: DINOv2 passes 1 - p to RandomApply. Here p is the probability of
+    # blurring, and each setting changes its own crop only (the random stream is fixed).
+    image, rng = gray(), lambda: np.random.default_rng(1)
+    base = plain()(image, rng())
+    blurred = plain(blur_probs=(1, 0, 0))(image, rng())
+    solarized = plain(solarize_prob=1)(image, rng())
+    for changed, which in ((blurred, 0), (solarized, 1)):
+        for k in range(2):
+            assert torch.equal(changed["global"][k], base["global"][k]) == (k != which)
+        assert all(torch.equal(a, b) for a, b in zip(changed["local"], base["local"]))
+    roughness = [float(c.diff(dim=-1).abs().mean()) for c in (blurred["global"][0], base["global"][0])]
+    assert roughness[0] < roughness[1]
+    unit = base["global"][1] * data.STD + data.MEAN
+    assert torch.allclose(solarized["global"][1] * data.STD + data.MEAN,
+                          torch.minimum(unit, 1 - unit), atol=1e-6)
+
+
+def test_gaussian_blur_matches_a_direct_convolution():
+    image, sigma = np.random.default_rng(0).random((30, 40), dtype=np.float32), 1.3
+    kernel = torch.exp(-0.5 * (torch.arange(-4.0, 5) / sigma) ** 2)
+    kernel = kernel[:, None] * kernel[None, :] / kernel.sum() ** 2  # (9, 9), sums to 1
+    padded = torch.nn.functional.pad(torch.from_numpy(image)[None, None], (4,) * 4, mode="reflect")
+    expected = torch.nn.functional.conv2d(padded, kernel[None, None])[0, 0].numpy()
+    assert np.abs(data.gaussian_blur(image, sigma) - expected).max() < 1e-5
+
+
+def test_jitter_on_gray_levels_equals_jitter_on_pixels():
+    pixels = gray(50, 60)
+    counts = np.bincount(pixels.ravel(), minlength=256)
+    levels, unit = data.GRAY_LEVELS, data.to_unit(pixels)
+    for factor in (0.6, 1.0, 1.4):
+        by_level = data.adjust_contrast(data.adjust_brightness(levels, 1.3), factor, counts)
+        by_pixel = data.adjust_contrast(data.adjust_brightness(unit, 1.3), factor)
+        assert np.abs(by_level[pixels] - by_pixel).max() < 1e-6
+
+# ===== preprocess =====
+
+def test_preprocess_shape_and_normalisation():
+    out = data.preprocess(np.full((256, 300), 77, np.uint8))
+    assert out.shape == (1, 518, 518) and out.dtype == torch.float32
+    assert torch.allclose(out, torch.tensor((77 / 255 - data.MEAN) / data.STD), atol=1e-6)
+    ramp = np.tile(np.arange(67, dtype=np.uint8) * 3, (64, 1))  # (64, 67): 3 columns to drop
+    out = data.preprocess(ramp, size=64)[0] * data.STD + data.MEAN
+    assert np.allclose(out[0, [0, -1]].numpy() * 255, [3, 64 * 3], atol=1e-3)  # drop 1, keep 64
+    out = data.preprocess(np.full((300, 256), 40000, np.uint16), size=64)
+    assert out.shape == (1, 64, 64)
+    assert torch.allclose(out, torch.tensor((40000 / 65535 - data.MEAN) / data.STD), atol=1e-5)
+
+
+@needs_covid
+def test_preprocess_matches_the_transformers_rad_dino_processor():
+    transformers = pytest.importorskip("transformers")
+    processor_class = getattr(transformers, "BitImageProcessorPil", None) or transformers.BitImageProcessor
+    processor = processor_class(  # microsoft/rad-dino's preprocessor_config.json
+        do_convert_rgb=True, do_resize=True, size={"shortest_edge": 518}, resample=3,
+        do_center_crop=True, crop_size={"height": 518, "width": 518}, do_rescale=True,
+        rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5307] * 3, image_std=[0.2583] * 3)
+    # One image of each shape: landscape and portrait, an even and an odd number of columns
+    # (or rows) for the centre crop to drop, where an off-by-one offset would show.
+    shapes = {}
+    for path in sorted((COVID / "images").glob("*.png")):
+        with Image.open(path) as image:
+            short, long = sorted(image.size)
+            shapes.setdefault((image.width < image.height, int(518 * long / short) % 2), path)
+    assert len(shapes) == 4
+    for path in shapes.values():
+        with Image.open(path) as image:
+            theirs = processor(image, return_tensors="np")["pixel_values"][0]
+        ours = data.preprocess(data.load_image(path)).numpy()
+        assert theirs.shape == (3, 518, 518) and np.abs(theirs[0] - ours[0]).max() < 1e-5
+
+# ===== masks and collate =====
+
+def test_masks_never_exceed_their_target():
+    generator, rng = data.MaskGenerator(16), np.random.default_rng(0)
+    assert not generator(0, rng).any()
+    fill = []
+    for target in rng.integers(1, 129, size=300):
+        mask = generator(int(target), rng)
+        assert mask.shape == (16, 16) and 0 < mask.sum() <= target
+        fill.append(mask.sum() / target)
+    assert np.mean(fill) > 0.8  # blocks mostly reach the target
+    assert data.MaskGenerator((3, 5)).n_patches == 15
+
+
+def samples(n, seed=0):
+    multicrop, image = data.MultiCrop(**SMALL), gray(64, 64)
+    return [multicrop(image, np.random.default_rng([seed, i])) for i in range(n)]
+
+
+def test_collate_masks_half_the_crops_with_stratified_ratios():
+    generator, batch = data.MaskGenerator(16), samples(10)
+    fractions = []
+    for seed in range(5):
+        out = data.collate(batch, generator, np.random.default_rng(seed))
+        assert out["global"].shape == (20, 1, 32, 32) and out["local"].shape == (20, 1, 16, 16)
+        assert out["masks"].shape == (20, 256) and out["masks"].dtype == torch.bool
+        counts = out["masks"].sum(1)
+        assert (counts > 0).sum() == 10  # exactly half of the 2B global crops
+        bounds = np.linspace(0.1, 0.5, 11)
+        # Stratified: the k-th smallest mask is under the k-th stratum's upper bound.
+        assert (np.sort(counts[counts > 0].numpy()) <= 256 * bounds[1:]).all()
+        fractions += (counts[counts > 0] / 256).tolist()
+    assert 0.22 < np.mean(fractions) < 0.32  # targets average 0.3; blocks may fall short
+    # Crop-major: rows 0..B-1 are every sample's first crop, then the second crops.
+    assert torch.equal(out["global"][3], batch[3]["global"][0])
+    assert torch.equal(out["global"][13], batch[3]["global"][1])
+    assert torch.equal(out["local"][11], batch[1]["local"][1])
+
+
+def test_collate_masks_do_not_depend_on_the_rank_split():
+    generator, batch = data.MaskGenerator(16), samples(8)
+    whole = data.collate(batch, generator, np.random.default_rng(7))["masks"]
+    parts = [data.collate(batch[r * 4:(r + 1) * 4], generator, np.random.default_rng(7),
+                          rank=r, world_size=2)["masks"] for r in range(2)]
+    for r in range(2):  # rank r holds global samples 4r..4r+3, first crops then second
+        assert torch.equal(parts[r][:4], whole[4 * r:4 * r + 4])
+        assert torch.equal(parts[r][4:], whole[8 + 4 * r:8 + 4 * r + 4])
+
+# ===== the loader =====
+
+def loader(paths, **kwargs):
+    settings = {"batch_size": 4, "seed": 11, **kwargs}
+    return data.PretrainLoader(paths, data.MultiCrop(**SMALL), data.MaskGenerator(4), **settings)
+
+
+def test_sharding_covers_every_sample_once_per_epoch(phantoms):
+    paths = data.image_paths(phantoms)  # 24 images, 2 ranks x 4: 3 steps an epoch
+    ranks = [loader(paths, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].steps_per_epoch == 3
+    for epoch in range(2):
+        seen = [i for step in range(3 * epoch, 3 * epoch + 3) for b in ranks
+                for i in b.sample_indices(step)]
+        assert sorted(seen) == list(range(24))
+    assert ranks[0].sample_indices(0) != ranks[0].sample_indices(3)  # reshuffled per epoch
+    with pytest.raises(ValueError, match="24 images cannot fill"):
+        loader(paths, batch_size=13, world_size=2)
+
+
+def test_two_ranks_make_the_same_global_batch_as_one(phantoms):
+    paths = data.image_paths(phantoms)
+    one = next(iter(loader(paths, batch_size=4, start_step=2)))
+    two = [next(iter(loader(paths, batch_size=2, rank=r, world_size=2, start_step=2)))
+           for r in range(2)]
+    for key, per_crop in (("global", 2), ("local", 2), ("masks", 2)):
+        for c in range(per_crop):  # crop c of rank r's samples = crop c of samples 2r, 2r+1
+            joined = torch.cat([two[r][key][2 * c:2 * c + 2] for r in range(2)])
+            assert torch.equal(joined, one[key][4 * c:4 * c + 4]), key
+    assert one["step"] == 2 and one["n_skipped"] == 0
+
+
+def test_resume_and_workers_give_the_same_batches(phantoms):
+    paths = data.image_paths(phantoms)
+    through = iter(loader(paths))
+    for _ in range(4):
+        expected = next(through)
+    resumed = next(iter(loader(paths, start_step=3, num_workers=2)))
+    assert expected["step"] == resumed["step"] == 3
+    for key in ("global", "local", "masks"):
+        assert torch.equal(expected[key], resumed[key])
+
+
+def test_bad_files_are_skipped_or_raised(phantoms, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tmp_path / "empty.png").write_bytes(b"")
+    paths = data.image_paths(phantoms)[:6] + [tmp_path / "broken.png", tmp_path / "empty.png"]
+    skipping = iter(loader(paths, on_bad_file="skip"))  # 8 paths, batch 4: 2 steps an epoch
+    batches = [next(skipping) for _ in range(2)]
+    assert all(b["global"].shape == (8, 1, 32, 32) for b in batches)
+    assert sum(b["n_skipped"] for b in batches) >= 2  # both bad files, once each at least
+    raising = iter(loader(paths, on_bad_file="error"))
+    with pytest.raises(data.ImageError, match="broken.png|empty.png"):
+        next(raising), next(raising)  # the two bad files fall somewhere in these two batches
