@@ -192,8 +192,8 @@ def make_phantoms(out_dir, n=600, size=256, seed=0):
 # px, 32-100% of the image) and 8 local ones (98 px, 5-32%), each resized once from the
 # source, flipped, jittered, blurred, and (global 2 only) solarized. Saturation, hue and
 # random grayscale are gone: on a gray image they do nothing, at the price of 3 channels.
-# Speed (5x torchvision's pipeline: bench.py augment) comes from that one channel and two
-# plain choices. Crop-then-resize is one torch call on the uint8 box (its antialiased
+# Speed (over 4x torchvision's pipeline: bench.py augment) comes from that one channel and
+# two plain choices. Crop-then-resize is one torch call on the uint8 box (its antialiased
 # bicubic is Pillow's, which torchvision uses on PIL images, to a gray level on 99% of
 # pixels). Jitter, solarize and the normalisation are pointwise: on 8-bit data they are
 # computed for the 256 gray levels, and one table lookup applies them to the pixels.
@@ -231,23 +231,23 @@ def gaussian_blur(image, sigma):
     """torchvision's GaussianBlur(kernel_size=9, sigma) on a float image, reflect padding."""
     taps = np.exp(-0.5 * (np.arange(-4, 5) / sigma) ** 2)
     taps = (taps / taps.sum()).astype(np.float32)
-    for axis in (0, 1):  # separable: along rows, then along columns
-        n = image.shape[axis]  # reflect-pad by 4, half the kernel: 4 3 2 1 | 0 1 ... n-1 | n-2
+    for _ in range(2):  # separable: blur along axis 0, transpose, again (rows are fast)
+        n = len(image)  # reflect-pad by 4, half the kernel: 4 3 2 1 | 0 1 ... n-1 | n-2 ...
         index = np.abs(np.arange(-4, n + 4))
-        padded = np.take(image, np.where(index > n - 1, 2 * (n - 1) - index, index), axis)
-        shifted = [padded[k:k + n] if axis == 0 else padded[:, k:k + n] for k in range(9)]
-        image, pair = taps[4] * shifted[4], np.empty_like(image)
+        padded = image[np.where(index < n, index, 2 * (n - 1) - index)]  # (n + 8, m)
+        blurred, pair = taps[4] * padded[4:n + 4], np.empty((n, image.shape[1]), np.float32)
         for k in range(4):  # a symmetric kernel: taps k and 8 - k share one multiply
-            image += np.multiply(np.add(shifted[k], shifted[8 - k], out=pair), taps[k], out=pair)
+            blurred += np.multiply(np.add(padded[k:k + n], padded[8 - k:n + 8 - k], out=pair),
+                                   taps[k], out=pair)
+        image = blurred.T  # (m, n)
     return image
 
 class MultiCrop:
     """(H, W) uint8 or uint16 image, rng -> {"global": 2 x (1, G, G), "local": n x (1, L, L)}.
-    Blur probabilities (global 1, global 2, local): the DINOv2 paper means 1.0 / 0.1 / 0.5;
-    its code hands 1 - p to RandomApply, so the released weights saw 0.0 / 0.9 / 0.5
-    (REFERENCE.md). We default to the paper: one sharp and one soft view of each image is
-    the asymmetry the method was designed with, and nobody chose the bug's numbers. Pass
-    blur_probs=(0.0, 0.9, 0.5) to reproduce what the released runs did."""
+    Blur probabilities (global 1, global 2, local): DINOv2's paper means 1.0 / 0.1 / 0.5, its
+    code hands 1 - p to RandomApply, so the released weights saw 0.0 / 0.9 / 0.5. We follow
+    the paper: one sharp and one soft view of each image is the asymmetry the method was
+    designed with; nobody chose the bug's numbers. (0.0, 0.9, 0.5) reproduces the releases."""
     def __init__(self, global_size=224, local_size=98, n_local=8, global_scale=(0.32, 1.0),
                  local_scale=(0.05, 0.32), ratio=(3 / 4, 4 / 3), flip_prob=0.5, jitter_prob=0.8,
                  brightness=0.4, contrast=0.4, blur_probs=(1.0, 0.1, 0.5), blur_sigma=(0.1, 2.0),
@@ -271,13 +271,12 @@ class MultiCrop:
         flip, jitter, bright, contrast, order, blur, sigma, solarize = rng.random(8).tolist()
         box = torch.from_numpy(source[None, None, top:top + h, left:left + w])  # (1, 1, h, w)
         crop = F.interpolate(box, size=(size, size), mode="bicubic", antialias=True)[0, 0]
-        crop = crop.numpy() if crop.dtype == torch.uint8 else crop.clamp_(0, 1).numpy()
-        crop = crop[:, ::-1] if flip < self.flip_prob else crop
         # 8-bit: `values` are the 256 gray levels and `lookup` maps the pixels to them, until
         # the blur (not pointwise) forces the lookup. 16-bit: `values` are the pixels.
-        values, lookup = (GRAY_LEVELS, crop) if crop.dtype == np.uint8 else (crop, None)
+        lookup = crop.numpy() if crop.dtype == torch.uint8 else None
+        values = GRAY_LEVELS if lookup is not None else crop.clamp_(0, 1).numpy()
         if jitter < self.jitter_prob:
-            counts = None if lookup is None else np.bincount(crop.ravel(), minlength=256)
+            counts = None if lookup is None else crop.ravel().bincount(minlength=256).numpy()
             bright = 1 + self.brightness * (2 * bright - 1)  # uniform in [1 - b, 1 + b], b <= 1
             contrast = 1 + self.contrast * (2 * contrast - 1)
             if order < 0.5:  # torchvision applies its jitters in a random order
@@ -285,22 +284,23 @@ class MultiCrop:
             else:
                 values = adjust_brightness(adjust_contrast(values, contrast, counts), bright)
         if blur < blur_prob:
-            values, lookup = (values if lookup is None else values[lookup]), None
+            values, lookup = (values if lookup is None else np.take(values, lookup)), None
             low, high = self.blur_sigma
             values = gaussian_blur(values, low + (high - low) * sigma)
         if solarize < solarize_prob:  # invert above 0.5 (128 of 255): that is min(x, 1 - x)
             values = np.minimum(values, 1 - values)
         values = (values - self.mean) / self.std
-        pixels = values if lookup is None else values[lookup]
+        pixels = values if lookup is None else np.take(values, lookup)
+        if flip < self.flip_prob:  # last: it commutes with every step above
+            pixels = pixels[:, ::-1]
         return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)[None])
 
 # ===== evaluation preprocessing =====
 def preprocess(image, size=518):
-    """The microsoft/rad-dino image processor on one channel: (H, W) -> (1, size, size).
-    It resizes the shorter side to `size` and the longer to int(size * long / short) with
-    Pillow's bicubic on the 8-bit image, centre-crops size x size, divides by 255 and
-    normalises. It does so on RGB, but a gray image's channels are all the same. 16-bit
-    images have no 8-bit copy to resize: they are resized as floats in [0, 1] (Pillow mode F)."""
+    """The microsoft/rad-dino image processor on one channel: (H, W) -> (1, size, size). It
+    resizes the shorter side to `size`, the longer to int(size * long / short), with Pillow's
+    bicubic on the 8-bit image (on RGB, whose channels are all this one), centre-crops, divides
+    by 255, normalises. 16-bit images are resized as floats in [0, 1] (Pillow mode F)."""
     height, width = image.shape
     new_long = int(size * max(height, width) / min(height, width))  # int(), as transformers
     pil = Image.fromarray(image if image.dtype == np.uint8 else to_unit(image))
