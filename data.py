@@ -427,7 +427,7 @@ class PretrainLoader(torch.utils.data.Dataset):
                     raise
                 rng = np.random.default_rng([self.seed, _REPLACE, epoch, index, attempt])
                 index = int(rng.integers(len(self.paths)))
-        raise RuntimeError(f"100 files in a row failed to load, the last {self.paths[index]}")
+        raise RuntimeError(f"100 files in a row failed to load; is {self.paths[0]} there?")
 
     def __getitem__(self, k):
         step = self.start_step + k
@@ -447,4 +447,4 @@ class PretrainLoader(torch.utils.data.Dataset):
         return iter(self.loader)
 
     def __getstate__(self):  # workers get the dataset, not the loader that runs them
-        return {k: v for k, v in self.__dict__.items() if k != "loader"}
+        return {**self.__dict__, "loader": None}

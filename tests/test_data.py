@@ -60,11 +60,13 @@ def test_valid_files_load_as_gray(tmp_path):
     deep = np.array([[0, 256, 65535]], np.uint16)
     loaded = data.load_image(save(tmp_path / "d.png", Image.fromarray(deep)))
     assert loaded.dtype == np.uint16 and loaded.tolist() == deep.tolist()
-    assert data.load_image(save(tmp_path / "d.tif", Image.fromarray(deep))).tolist() == deep.tolist()
+    tiff = data.load_image(save(tmp_path / "d.tif", Image.fromarray(deep)))
+    assert tiff.tolist() == deep.tolist()
     big_endian = Image.frombytes("I;16B", (3, 1), deep.astype(">u2").tobytes())
     assert data.load_image(save(tmp_path / "b.tif", big_endian)).tolist() == deep.tolist()
     assert data.load_image(save(tmp_path / "one.png", Image.new("1", (4, 4), 1))).max() == 255
-    assert np.allclose(data.to_unit(deep), [[0, 256 / 65535, 1]]) and data.to_unit(deep).dtype == np.float32
+    unit = data.to_unit(deep)
+    assert unit.dtype == np.float32 and np.allclose(unit, [[0, 256 / 65535, 1]])
 
 
 def test_bad_files_raise_image_error_naming_the_file(tmp_path, monkeypatch):
@@ -234,8 +236,9 @@ def test_blur_and_solarize_hit_only_their_crops():
         for k in range(2):
             assert torch.equal(changed["global"][k], base["global"][k]) == (k != which)
         assert all(torch.equal(a, b) for a, b in zip(changed["local"], base["local"]))
-    roughness = [float(c.diff(dim=-1).abs().mean()) for c in (blurred["global"][0], base["global"][0])]
-    assert roughness[0] < roughness[1]
+    def roughness(crop):
+        return float(crop.diff(dim=-1).abs().mean())
+    assert roughness(blurred["global"][0]) < roughness(base["global"][0])
     unit = base["global"][1] * data.STD + data.MEAN
     assert torch.allclose(solarized["global"][1] * data.STD + data.MEAN,
                           torch.minimum(unit, 1 - unit), atol=1e-6)
@@ -276,8 +279,9 @@ def test_preprocess_shape_and_normalisation():
 @needs_covid
 def test_preprocess_matches_the_transformers_rad_dino_processor():
     transformers = pytest.importorskip("transformers")
-    processor_class = getattr(transformers, "BitImageProcessorPil", None) or transformers.BitImageProcessor
-    processor = processor_class(  # microsoft/rad-dino's preprocessor_config.json
+    # transformers 5 names its Pillow implementation ...Pil; in 4.x the plain class is it.
+    pillow_processor = getattr(transformers, "BitImageProcessorPil", None)
+    processor = (pillow_processor or transformers.BitImageProcessor)(  # rad-dino's config
         do_convert_rgb=True, do_resize=True, size={"shortest_edge": 518}, resample=3,
         do_center_crop=True, crop_size={"height": 518, "width": 518}, do_rescale=True,
         rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5307] * 3, image_std=[0.2583] * 3)
