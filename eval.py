@@ -99,8 +99,8 @@ def pearson(a, b):  # NaN for a constant input, where correlation means nothing
     return float(a @ b / math.sqrt((a @ a) * (b @ b))) if (a @ a) * (b @ b) > 0 else np.nan
 
 
-REGRESSION = {"mae": lambda y, pred: float(np.mean(np.abs(y - pred))), "pearson": pearson,
-              "r2": lambda y, pred: float(1 - np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2))}  # < 0: worse than the mean
+REGRESSION = {"mae": lambda y, pred: float(np.mean(np.abs(y - pred))), "pearson": pearson,  # R^2 < 0: worse
+              "r2": lambda y, pred: float(1 - np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2))}  # than the mean
 
 
 def with_ci(metrics, arrays, n_resamples=1000, seed=0):
@@ -253,11 +253,11 @@ def preprocess_mask(mask, size):
     return pixels[top:top + size, left:left + size] > 127
 
 
-def train_seg_head(patch, masks, steps=300, batch_size=32, lr=1e-2, seed=0):
-    """The linear segmentation probe, (B, D, g, g) frozen patch tokens -> (B, 1, S, S) logits: BatchNorm,
-    a 1x1 conv, bilinear upsampling to the masks' size. Adam on per-pixel BCE against (B, S, S) bool
-    masks, 300 steps of 32 images: seconds on a CPU. The large lr is safe for one linear layer behind
-    BatchNorm; the loss is taken at mask resolution, where the head will be judged."""
+def train_seg_head(patch, masks, steps=300, batch_size=16, lr=1e-2, seed=0):
+    """The linear segmentation probe, (B, D, g, g) frozen patch tokens -> (B, 1, S, S) logits: BatchNorm, a
+    1x1 conv, bilinear upsampling to the masks' size. Adam on per-pixel BCE against (B, S, S) bool masks, 300
+    steps of 16 images: 13 s on covid-cxr (32 doubled that for +0.004 Dice). The large lr is safe for one
+    linear layer behind BatchNorm; the loss is taken at mask resolution, where the head will be judged."""
     torch.manual_seed(seed)
     head = nn.Sequential(nn.BatchNorm2d(patch.shape[1]), nn.Conv2d(patch.shape[1], 1, kernel_size=1),
                          nn.Upsample(size=masks.shape[-2:], mode="bilinear", align_corners=False))

@@ -160,7 +160,8 @@ def test_seg_head_learns_a_mask_from_features_that_carry_it():
     features = rng.normal(0, 0.3, (24, 6, 8, 8))
     features[:, 0] += masks
     features[:, 1] += ~masks
-    patch, true = torch.tensor(features, dtype=torch.float32), torch.from_numpy(masks).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    patch = torch.tensor(features, dtype=torch.float32)
+    true = torch.from_numpy(masks).repeat_interleave(4, 1).repeat_interleave(4, 2)  # masks at 4x the patch grid
     head = ev.train_seg_head(patch[:16], true[:16], steps=150)
     with torch.no_grad():
         pred = (head(patch[16:])[:, 0] > 0).numpy()
@@ -226,6 +227,15 @@ def test_missing_columns_and_splits_are_named(phantoms, tmp_path):
     with pytest.raises(ValueError, match="task 'seg' needs a 'mask' column"):
         ev.main(argv + ["--data", str(rewrite(phantoms / "labels.csv", tmp_path, lambda row: {**row, "mask": ""})),
                         "--task", "seg"])
+
+
+def test_rows_without_a_label_are_dropped_and_counted(phantoms, tmp_path):
+    unknown = rewrite(phantoms / "labels.csv", tmp_path, lambda row: {**row, "sex": "" if row["image"][-5] in "05" else row["sex"]})
+    report = ev.main(["--backbone", "random:vit_tiny", "--data", str(unknown), "--size", "56", "--task", "sex", "age",
+                      "--out", str(tmp_path / "r.json")])
+    sex, age = report["results"]["random:vit_tiny"]["sex"], report["results"]["random:vit_tiny"]["age"]
+    assert sex["dropped"] == 8 and sum(sex["n"].values()) == 32  # images 00000, 00005, ... 00035 lost their sex
+    assert age["dropped"] == 0 and sum(age["n"].values()) == 40
 
 
 def test_newest_checkpoint_goes_by_modification_time(tmp_path):
