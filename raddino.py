@@ -215,6 +215,7 @@ class ViT(nn.Module):
     def get_intermediate_layers(self, x, n=1):
         """The last n blocks' outputs, each through the final norm: a list (oldest first) of
         (patch tokens (B, N, D), CLS (B, D)) -- what multi-block linear probes concatenate."""
+        assert 1 <= n <= len(self.blocks), f"asked for the last {n} of {len(self.blocks)} blocks"
         x = self.prepare_tokens(x)
         outputs = []
         for i, block in enumerate(self.blocks):
@@ -268,7 +269,7 @@ class DINOHead(nn.Module):
         layers = []
         for i in range(nlayers):
             layers += [nn.Linear(dims[i], dims[i + 1])] + ([nn.GELU()] if i < nlayers - 1 else [])
-        self.mlp = nn.Sequential(*layers)
+        self.mlp = layers[0] if nlayers == 1 else nn.Sequential(*layers)  # DINOv2's names either way
         init_linears(self.mlp)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
 
