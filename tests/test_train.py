@@ -1,0 +1,161 @@
+"""train.py end to end, as a user runs it: config overrides, schedules, parameter groups,
+checkpoints, bitwise resume after SIGKILL, DDP on CPU, and the NaN stop."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import raddino
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantoms")
+    data.make_phantoms(folder, n=48, size=64, seed=0)
+    return folder
+
+
+def tiny_run(phantoms, out_dir, *extra):
+    """A run small enough for CI: ViT-Ti on 56-px global / 28-px local crops, a small head."""
+    return [f"out_dir={out_dir}", f"data.root={phantoms}", "data.workers=0", "model.arch=vit_tiny",
+            "crops.global_size=56", "crops.local_size=28", "crops.n_local=2", "train.batch_size=4",
+            "head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16", "compile=false", "train.log_every=1",
+            *extra]
+
+
+def train(args, launcher=(sys.executable,), timeout=300, check=True):
+    result = subprocess.run([*launcher, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                            timeout=timeout, cwd=ROOT, env=ENV)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def student_state(out_dir):
+    newest = sorted(Path(out_dir).glob("checkpoint_*.pt"))[-1]
+    return torch.load(newest, weights_only=True)
+
+
+# ----- config -----
+
+def test_unknown_keys_and_wrong_types_are_clear_errors(tmp_path):
+    result = train(["train.batchsize=8"], check=False)
+    assert result.returncode != 0 and "train.batchsize" in result.stderr and "train.batch_size" in result.stderr
+    result = train(["train.steps=ten"], check=False)
+    assert result.returncode != 0 and "train.steps" in result.stderr and "int" in result.stderr
+    (tmp_path / "other.yaml").write_text("crops.n_local: 4\nloss.koleo_wieght: 0.0\n")
+    result = train([f"config={tmp_path / 'other.yaml'}"], check=False)
+    assert result.returncode != 0 and "loss.koleo_wieght" in result.stderr and "other.yaml" in result.stderr
+
+
+def test_a_short_run_end_to_end(phantoms, tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / "extra.yaml").write_text("optim.base_lr: 1\n")  # an int where a float is expected is fine
+    result = train(tiny_run(phantoms, out, f"config={tmp_path / 'extra.yaml'}", "train.steps=3", "train.save_every=2",
+                            "train.epoch_length=1"))
+    log = result.stdout
+    assert "torch " + torch.__version__ in log and "world size 1" in log and "crops.n_local: 2" in log
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in records)
+    assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == ["checkpoint_0000002.pt", "checkpoint_0000003.pt"]
+    assert (out / "loss.png").stat().st_size > 0 and (out / "config.yaml").exists()
+    state = student_state(out)
+    assert state["config"]["optim.base_lr"] == 1.0 and state["step"] == 3
+    # The export is the teacher backbone, readable like any Hugging Face folder.
+    exported = raddino.load_backbone(out / "export", in_chans=1)
+    teacher = raddino.load_backbone(sorted(out.glob("checkpoint_*.pt"))[-1])
+    x = torch.randn(2, 1, 56, 56)
+    torch.testing.assert_close(exported(x), teacher(x), atol=2e-5, rtol=1e-5)
+    assert "python eval.py --backbone" in log
+
+
+def test_schedules_and_parameter_groups(phantoms, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_run(phantoms, out, "train.steps=6", "train.epoch_length=1", "optim.warmup_epochs=2",
+                   "teacher_temp.warmup_epochs=3", "optim.freeze_last_layer_epochs=100", "train.save_every=6"))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    peak = 0.004 * math.sqrt(4 / 1024)
+    lrs = [r["lr"] for r in records]
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(peak / 2) and lrs[2] == pytest.approx(peak)  # warm-up, then peak
+    assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 1e-6  # cosine towards min_lr
+    assert records[0]["wd"] == pytest.approx(0.04) and records[0]["momentum"] == pytest.approx(0.992)
+    assert [r["teacher_temp"] for r in records[:4]] == pytest.approx([0.04, 0.05, 0.06, 0.07])
+    assert records[-1]["teacher_temp"] == 0.07
+    # At step 5 of 6 the cosines are one sixth of a half-period from their ends.
+    assert records[-1]["wd"] == pytest.approx(0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * 5 / 6)))
+    assert records[-1]["momentum"] == pytest.approx(1.0 + 0.5 * (0.992 - 1.0) * (1 + math.cos(math.pi * 5 / 6)))
+
+    groups = student_state(out)["optimizer"]["param_groups"]
+    by_name = {name: g for g in groups for name in g["names"]}
+    depth = 12
+    assert by_name["backbone.blocks.0.attn.qkv.weight"]["lr_mult"] == pytest.approx(0.9 ** depth)
+    assert by_name["backbone.blocks.11.mlp.fc1.weight"]["lr_mult"] == pytest.approx(0.9)
+    assert by_name["backbone.norm.weight"]["lr_mult"] == 1.0 and by_name["dino_head.mlp.0.weight"]["lr_mult"] == 1.0
+    for token in ("pos_embed", "cls_token", "mask_token"):
+        assert by_name[f"backbone.{token}"]["lr_mult"] == pytest.approx(0.9 ** (depth + 1))
+        assert by_name[f"backbone.{token}"]["decay"]
+    assert by_name["backbone.patch_embed.proj.weight"]["lr_mult"] == pytest.approx(0.2 * 0.9 ** (depth + 1))
+    no_decay = ["backbone.blocks.3.attn.qkv.bias", "backbone.blocks.3.norm1.weight", "backbone.blocks.3.ls1.gamma",
+                "backbone.norm.bias", "dino_head.mlp.0.bias"]
+    assert not any(by_name[n]["decay"] for n in no_decay)
+    assert by_name["dino_head.last_layer.weight_v"]["decay"] and by_name["backbone.blocks.3.mlp.fc2.weight"]["decay"]
+    assert len(by_name) == sum(1 for _ in raddino.build_vit("vit_tiny").parameters()) + 8  # + the head's tensors
+    # Prototypes frozen (lr 0) while everything else moves.
+    assert by_name["dino_head.last_layer.weight_g"]["lr"] == 0.0 and by_name["dino_head.mlp.0.weight"]["lr"] > 0
+
+
+def test_resume_after_sigkill_is_bitwise_identical(phantoms, tmp_path):
+    args = ["train.steps=8", "train.save_every=4", "model.drop_path=0.1"]
+    train(tiny_run(phantoms, tmp_path / "straight", *args))
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *tiny_run(phantoms, killed, *args,
+                                "train.log_every=100")], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "checkpoint_0000004.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "checkpoint_0000008.pt").exists(), "the run finished before it could be killed"
+    (killed / "checkpoint_0000006.pt.tmp999").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves it
+    result = train(tiny_run(phantoms, killed, *args))
+    assert "resumed from" in result.stdout and "checkpoint_0000004.pt" in result.stdout
+    a, b = student_state(tmp_path / "straight"), student_state(killed)
+    assert a["step"] == b["step"] == 8
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_two_processes_equal_one_with_the_same_global_batch(phantoms, tmp_path):
+    args = ["train.steps=2", "train.save_every=2", "model.drop_path=0.0", "loss.koleo_weight=0.0"]
+    train(tiny_run(phantoms, tmp_path / "one", *args, "train.batch_size=8"))
+    result = train(tiny_run(phantoms, tmp_path / "two", *args, "train.batch_size=4"),
+                   launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert "world size 2" in result.stdout
+    one, two = student_state(tmp_path / "one"), student_state(tmp_path / "two")
+    for key in one["model"]:
+        torch.testing.assert_close(one["model"][key], two["model"][key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+def test_a_non_finite_loss_stops_the_run_without_a_checkpoint(phantoms, tmp_path):
+    # A teacher temperature that reaches 0 at step 3 makes the teacher's targets NaN there.
+    out = tmp_path / "run"
+    result = train(tiny_run(phantoms, out, "train.steps=6", "train.save_every=2", "train.epoch_length=1",
+                            "teacher_temp.end=0.0", "teacher_temp.warmup_epochs=3"), check=False)
+    assert result.returncode != 0
+    assert "non-finite loss at step 3" in result.stderr and "dino_global=nan" in result.stderr
+    assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == ["checkpoint_0000002.pt"]
+    assert not (out / "export").exists()
