@@ -228,6 +228,7 @@ def test_sixteen_bit_sources_keep_their_depth():
 def test_blur_and_solarize_hit_only_their_crops():
     # The upstream defect: DINOv2 passes 1 - p to RandomApply. Here p is the probability of
     # blurring, and each setting changes its own crop only (the random stream is fixed).
+    assert data.MultiCrop().blur_probs == (1.0, 0.1, 0.5)  # the paper's, not the bug's
     image, rng = gray(), lambda: np.random.default_rng(1)
     base = plain()(image, rng())
     blurred = plain(blur_probs=(1, 0, 0))(image, rng())
