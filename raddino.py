@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -90,8 +91,7 @@ def drop_path(x, rate, training):
     runs the branch on a random subset of the batch instead: same expectation, cheaper.)"""
     if rate == 0.0 or not training:
         return x
-    keep = x.new_empty(x.shape[0], 1, 1).bernoulli_(1.0 - rate)
-    return x * keep / (1.0 - rate)
+    return x * x.new_empty(x.shape[0], 1, 1).bernoulli_(1.0 - rate) / (1.0 - rate)
 
 
 def init_linears(module):
@@ -136,9 +136,8 @@ class ViT(nn.Module):
         assert embed_dim % num_heads == 0, f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}"
         assert ffn in ("mlp", "swiglu"), f"ffn must be 'mlp' or 'swiglu', got {ffn!r}"
         self.patch_size, self.embed_dim, self.num_register_tokens = patch_size, embed_dim, num_register_tokens
-        # DINOv2 hub defaults: the original models interpolate with a 0.1 offset and no
-        # antialias (a historical quirk, kept so that the weights behave as trained); the
-        # register models ("reg4") were trained with antialias and no offset.
+        # DINOv2 hub defaults: the original models interpolate with a 0.1 offset and no antialias (a quirk,
+        # kept so the weights behave as trained); the register models ("reg4") with antialias, no offset.
         self.interpolate_offset = (0.0 if num_register_tokens else 0.1) if interpolate_offset is None else interpolate_offset
         self.interpolate_antialias = bool(num_register_tokens) if interpolate_antialias is None else interpolate_antialias
 
@@ -185,6 +184,8 @@ class ViT(nn.Module):
     def prepare_tokens(self, x, masks=None):
         """Image -> token sequence (B, 1 + R + N, D), with masked patches replaced."""
         B, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:  # the conv would drop the border silently
+            raise ValueError(f"input {H} x {W} is not a multiple of the patch size {self.patch_size}")
         x = self.patch_embed(x)  # (B, N, D)
         if masks is not None:
             # The mask token replaces the patch embedding *before* position embeddings are
@@ -201,8 +202,7 @@ class ViT(nn.Module):
         return {"cls": x[:, 0], "reg": x[:, 1:r], "patch": x[:, r:]}
 
     def forward_features(self, x, masks=None):
-        """x: (B, C, H, W); masks: optional bool (B, N). Returns final-norm tokens:
-        {"cls": (B, D), "reg": (B, R, D), "patch": (B, N, D)}."""
+        """(B, C, H, W), masks bool (B, N) or None -> final-norm {"cls": (B, D), "reg": (B, R, D), "patch": (B, N, D)}."""
         x = self.prepare_tokens(x, masks)
         for block in self.blocks:
             # Activation checkpointing trades ~30% more compute for far less memory (518-px crops).
@@ -226,8 +226,7 @@ class ViT(nn.Module):
         return outputs
 
 
-# Presets. Head width is 64 everywhere, as in DINOv2. vit_tiny (DeiT-Ti widths) is ours: small
-# enough to pretrain on a laptop CPU, not a DINOv2 release.
+# Heads are 64 wide, as in DINOv2. vit_tiny (DeiT-Ti widths) is ours, for laptop CPUs: not a DINOv2 release.
 ARCHS = {"vit_tiny": dict(embed_dim=192, depth=12, num_heads=3), "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
          "vit_base": dict(embed_dim=768, depth=12, num_heads=12), "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
          "vit_giant2": dict(embed_dim=1536, depth=40, num_heads=24, ffn="swiglu")}
@@ -244,9 +243,8 @@ vit_tiny, vit_small, vit_base, vit_large, vit_giant2 = (functools.partial(build_
 
 # ===== Heads and losses =====
 class WeightNormLinear(nn.Module):
-    """Bias-free Linear with rows weight_g * weight_v / ||weight_v||: the deprecated
-    torch weight_norm written out under its parameter names, so DINOv2 heads load as they
-    are. Each row is a prototype; the trainable gain g (from 1) bounds the logits."""
+    """Bias-free Linear with rows g * v / ||v||: torch's deprecated weight_norm written out under
+    its parameter names (DINOv2 heads load as they are). Rows are prototypes; g bounds the logits."""
 
     def __init__(self, in_dim, out_dim):
         super().__init__()
@@ -306,14 +304,13 @@ def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3):
 
 
 class Center(nn.Module):
-    """DINO's centring: targets softmax((t - c) / T), with c an EMA of the teacher's mean
-    output over all ranks. softmax() uses the centre built from earlier steps; update()
-    then folds this step in, so step i never sees its own batch in its centre."""
+    """DINO's centring: targets softmax((t - c) / T), c an EMA of the teacher's mean output over all
+    ranks. softmax() uses the centre of earlier steps; update() then folds this step in."""
 
     def __init__(self, dim, momentum=0.9):
         super().__init__()
         self.momentum = momentum
-        self.register_buffer("center", torch.zeros(1, dim))
+        self.register_buffer("center", torch.zeros(1, dim))  # in the state dict: resumes exactly
 
     @torch.no_grad()
     def softmax(self, teacher_logits, teacher_temp):
@@ -351,9 +348,8 @@ def ibot_loss(student_masked_logits, teacher_masked_probs, masks, student_temp=0
 
 
 def koleo_loss(x, eps=1e-8):
-    """KoLeo regulariser: -mean_i log ||x_i - x_nn(i)|| on L2-normalised rows, which spreads
-    the batch's features uniformly. Always fp32: in fp16 the distance of near-duplicates
-    rounds to 0 and the log gives inf (a known DINOv2 defect)."""
+    """KoLeo: -mean_i log ||x_i - x_nn(i)|| on L2-normalised rows spreads a batch's features out.
+    Always fp32: in fp16 near-duplicates round to distance 0 and the log is inf (a DINOv2 defect)."""
     with torch.autocast(device_type=x.device.type, enabled=False):
         x = F.normalize(x.float(), dim=-1, eps=eps)
         similarity = x @ x.t()  # (B, B)
@@ -391,8 +387,7 @@ class StudentTeacher(nn.Module):
         self.ibot_center = Center(ibot_out_dim if separate_ibot_head else out_dim, center_momentum)
 
     def heads(self, module, cls_tokens, patch_tokens):
-        """Run the DINO head once on all CLS and masked-patch tokens (the iBOT head on the
-        patches if it is separate). Returns (cls logits, patch logits)."""
+        """(cls logits, patch logits): one DINO-head call for all tokens, unless the iBOT head is separate."""
         if "ibot_head" in module:
             return module.dino_head(cls_tokens), module.ibot_head(patch_tokens)
         logits = module.dino_head(torch.cat([cls_tokens, patch_tokens]))
@@ -469,9 +464,8 @@ class StudentTeacher(nn.Module):
 
 # safetensors dtype names; the format is plain: 8-byte little-endian header length, a JSON
 # header {name: {dtype, shape, data_offsets}}, then the raw little-endian bytes.
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                       "U8": torch.uint8, "BOOL": torch.bool}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64":
+                       torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 
 
@@ -519,13 +513,11 @@ def read_safetensors(path, return_metadata=False):
 
 def write_safetensors(path, tensors, metadata=None):
     """Write {name: tensor} as .safetensors (atomically: temporary file, fsync, rename)."""
-    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
-    header, blobs, offset = {}, [], 0
+    names, header, blobs = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}, {}, []
     for name, t in tensors.items():
-        blob = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
+        offset = sum(map(len, blobs))
+        blobs.append(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blobs[-1])]}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -534,8 +526,7 @@ def write_safetensors(path, tensors, metadata=None):
 
 
 def atomic_write(path, write):
-    """Call write(file) on a temporary file, fsync it, then rename it over `path`: a crash
-    at any moment leaves either the old file or the new one, never half of one."""
+    """write(file) to a temporary file, fsync, rename over `path`: a crash leaves the old file or the new."""
     tmp = Path(f"{path}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -549,11 +540,10 @@ def atomic_write(path, write):
 
 # DINOv2 hub names <-> transformers Dinov2Model names as stored on disk. Inside a block, q, k
 # and v are the three thirds of DINOv2's fused qkv; everything else is a rename.
-_HF_TOP = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token",
+_HF_TOP = {"cls_token": "embeddings.cls_token", "mask_token": "embeddings.mask_token", "norm.bias": "layernorm.bias",
            "pos_embed": "embeddings.position_embeddings", "register_tokens": "embeddings.register_tokens",
-           "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight",
-           "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias",
-           "norm.weight": "layernorm.weight", "norm.bias": "layernorm.bias"}
+           "patch_embed.proj.weight": "embeddings.patch_embeddings.projection.weight", "norm.weight": "layernorm.weight",
+           "patch_embed.proj.bias": "embeddings.patch_embeddings.projection.bias"}
 _HF_BLOCK = {"norm1": "norm1", "attn.proj": "attention.output.dense", "ls1.gamma": "layer_scale1.lambda1",
              "norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2", "mlp.w12": "mlp.weights_in",
              "mlp.w3": "mlp.weights_out", "ls2.gamma": "layer_scale2.lambda1"}
@@ -597,9 +587,8 @@ def hf_to_dinov2(state):
 
 
 def fold_channels(weight, in_chans):
-    """Patch-embedding kernel (D, C, p, p) -> in_chans channels. 3 -> 1 sums the kernel over
-    channels: exact for an X-ray copied to 3 channels, since RAD-DINO normalises every
-    channel with the same mean and std. 1 -> 3 divides it evenly back."""
+    """Patch kernel (D, C, p, p) -> in_chans. 3 -> 1 sums over channels: exact for an X-ray copied to 3
+    channels, as RAD-DINO normalises each with the same mean and std. 1 -> 3 divides evenly back."""
     if weight.shape[1] == in_chans:
         return weight
     if (weight.shape[1], in_chans) == (3, 1):
@@ -629,8 +618,7 @@ def _strip_prefix(state, prefix):
 
 
 def _load_strict(module, state, source):
-    """load_state_dict(strict=True), but the error lists every missing, unexpected and
-    mis-shaped tensor and names the file: never strict=False, which drops keys silently."""
+    """strict=True loading whose error names the file and every missing, unexpected, mis-shaped tensor."""
     own = module.state_dict()
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
@@ -678,6 +666,8 @@ def load_backbone(path, **overrides):
         state = _strip_prefix(state["teacher"], "backbone.")
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{path}: holds no backbone weights")
+    # Official training checkpoints with block_chunks > 0 name blocks.{chunk}.{i}.*: flatten them.
+    state = {re.sub(r"^blocks\.\d+\.(\d+\.)", r"blocks.\1", k): v for k, v in state.items()}
     try:
         state = hf_to_dinov2(state) if "embeddings.cls_token" in state else state
         args = {**(args or _infer_args(state, config)), **overrides}
@@ -690,9 +680,8 @@ def load_backbone(path, **overrides):
 
 
 def save_hf(model, out_dir, channels=3):
-    """Write config.json + model.safetensors that transformers' Dinov2Model (or
-    Dinov2WithRegistersModel) loads with no missing or unexpected keys. channels=3 by
-    default, as microsoft/rad-dino ships: a 1-channel kernel is divided evenly."""
+    """config.json + model.safetensors that transformers' Dinov2Model (Dinov2WithRegistersModel) loads
+    with no missing or unexpected keys; 3 channels by default, as microsoft/rad-dino ships."""
     out_dir, a = Path(out_dir), model.args
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}

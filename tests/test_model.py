@@ -335,3 +335,15 @@ def test_load_backbone_reads_training_checkpoints(tmp_path):
     # The official DINOv2 training code saves {"teacher": {"backbone.*", "dino_head.*"}}.
     torch.save({"teacher": {"backbone." + k: v for k, v in student.state_dict().items()}}, tmp_path / "official.pth")
     assert torch.equal(raddino.load_backbone(tmp_path / "official.pth", num_heads=4)(x), student.eval()(x))
+    # ... and with block_chunks > 0 (ViT-L/g configs) its blocks are named blocks.{chunk}.{i}.
+    chunked = {("backbone." + k).replace("blocks.1.", "blocks.0.1.").replace("blocks.0.n", "blocks.0.0.n")
+               .replace("blocks.0.a", "blocks.0.0.a").replace("blocks.0.l", "blocks.0.0.l")
+               .replace("blocks.0.m", "blocks.0.0.m"): v for k, v in student.state_dict().items()}
+    assert "backbone.blocks.0.1.attn.qkv.weight" in chunked and "backbone.blocks.0.0.ls2.gamma" in chunked
+    torch.save({"teacher": chunked}, tmp_path / "chunked.pth")
+    assert torch.equal(raddino.load_backbone(tmp_path / "chunked.pth", num_heads=4)(x), student.eval()(x))
+
+
+def test_inputs_must_be_a_multiple_of_the_patch_size():
+    with pytest.raises(ValueError, match="multiple of the patch size 14"):
+        tiny()(torch.randn(1, 3, 56, 60))
