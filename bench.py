@@ -1,20 +1,28 @@
 """Benchmarks, one subcommand each:
 
     python bench.py augment [--n 200] [--size 518] [--workdir DIR]
+    python bench.py train [--arch vit_base] [--batch 64] [--global-size 224] [--local-size 98] [--n-local 8]
 
 augment: images per second on ONE thread, from a PNG on disk to finished crops (2 x 224 +
 8 x 98), for (a) PNG decoding alone, the ceiling; (b) data.load_image + data.MultiCrop;
 (c) a torchvision re-creation of DINOv2's DataAugmentationDINO with the same settings, on
 PIL RGB images as DINOv2 feeds it (needs torchvision, which nothing else here does).
 
+train: one training step of raddino.StudentTeacher as train.py runs it (AdamW, per-module
+clipping, EMA; bf16 autocast, fused AdamW and torch.compile on GPU) on random crops:
+images/s, peak memory, and on GPU the model FLOPs utilisation (MFU) against the card's
+dense bf16 peak. FLOPs are counted from the architecture (matmuls and attention, forward
+x 3 for the student's forward + backward, x 1 for the teacher), not measured.
+
 To add a subcommand: write a function that takes the parsed arguments, and register it
 with its options in main().
 """
 import os
+import sys
 
-# One thread everywhere, set before numpy and torch load their thread pools.
-for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[variable] = "1"
+if sys.argv[1:2] == ["augment"]:  # one thread everywhere, set before numpy and torch load their pools
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = "1"
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
@@ -26,6 +34,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
+import raddino  # noqa: E402
 
 COVID = Path(__file__).parent / ".." / "shared" / "data" / "covid-cxr"
 
@@ -131,6 +140,86 @@ def augment(args):
         print(f"  ours / torchvision: {ratio:.2f}x")
 
 
+def vit_flops(args, tokens, with_patch_embed=True):
+    """Forward FLOPs of the backbone for one image of `tokens` tokens (2 per multiply-add)."""
+    D, depth, hidden = args["embed_dim"], args["depth"], args["embed_dim"] * args["mlp_ratio"]
+    # Multiply-adds per token: qkv + proj, the MLP (SwiGLU: 2/3 of the width, rounded up to 8, three
+    # matrices), QK^T and AV; the outer 2 turns them into FLOPs.
+    mlp = 3 * D * ((int(hidden * 2 / 3) + 7) // 8 * 8) if args["ffn"] == "swiglu" else 2 * D * hidden
+    per_token = depth * 2 * (4 * D * D + mlp + 2 * tokens * D)
+    return tokens * per_token + (tokens - 1) * 2 * args["in_chans"] * args["patch_size"] ** 2 * D
+
+
+def head_flops(in_dim, hidden, bottleneck, out_dim):
+    return 2 * (in_dim * hidden + hidden * hidden + hidden * bottleneck + bottleneck * out_dim)
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+def train_step(args):
+    """Images per second (and MFU on GPU) of one DINOv2 training step on random crops."""
+    cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    backbone = raddino.build_vit(args.arch, img_size=args.img_size, in_chans=1, drop_path_rate=0.1)
+    backbone.grad_checkpointing = args.grad_checkpointing
+    model = raddino.StudentTeacher(backbone, out_dim=args.out_dim, hidden_dim=args.hidden_dim,
+                                   bottleneck_dim=args.bottleneck_dim).to(device)
+    if args.compile if args.compile is not None else cuda:
+        for module in (*model.student.values(), *model.teacher.values()):
+            module.compile()
+    optimizer = torch.optim.AdamW(model.student.parameters(), lr=1e-4, fused=cuda)
+    B, grid = args.batch, args.global_size // 14
+    global_crops = torch.randn(2 * B, 1, args.global_size, args.global_size, device=device)
+    local_crops = torch.randn(args.n_local * B, 1, args.local_size, args.local_size, device=device)
+    generator, rng = data.MaskGenerator(grid), np.random.default_rng(0)
+    ratios = np.linspace(0.1, 0.5, B + 1)[:-1]  # half the global crops masked, stratified ratios
+    masks = [generator(int(grid * grid * r), rng) for r in ratios] + [np.zeros((grid, grid), bool)] * B
+    masks = torch.from_numpy(np.stack(masks).reshape(2 * B, -1)).to(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with autocast:
+            loss = model(global_crops, local_crops, masks, teacher_temp=0.07)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        for module in model.student.values():
+            torch.nn.utils.clip_grad_norm_(module.parameters(), 3.0)
+        optimizer.step()
+        model.update_teacher(0.996)
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(args.warmup):  # compilation and allocator warm-up
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    seconds = (time.perf_counter() - start) / args.steps
+    a, n_global_tok, n_local_tok = backbone.args, grid * grid + 1, (args.local_size // 14) ** 2 + 1
+    n_masked = int(masks.sum())
+    head = head_flops(a["embed_dim"], args.hidden_dim, args.bottleneck_dim, args.out_dim)
+    student = 2 * B * vit_flops(a, n_global_tok) + args.n_local * B * vit_flops(a, n_local_tok)
+    student += (2 * B + args.n_local * B + n_masked) * head
+    teacher = 2 * B * vit_flops(a, n_global_tok) + (2 * B + n_masked) * head
+    flops = 3 * student + teacher  # backward ~ 2 x forward
+    name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    print(f"{args.arch} {args.global_size} x 2 + {args.local_size} x {args.n_local}, batch {B}, "
+          f"{'bf16 ' if cuda else 'fp32 '}{'compiled ' if (args.compile if args.compile is not None else cuda) else ''}"
+          f"on {name}")
+    print(f"  {seconds * 1000:.1f} ms/step  {B / seconds:.1f} images/s  {flops / seconds / 1e12:.2f} TFLOP/s achieved")
+    if cuda:
+        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+        if peak:
+            print(f"  MFU {flops / seconds / 1e12 / peak:.1%} of {peak:.0f} TFLOP/s dense bf16")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -141,6 +230,24 @@ def main():
     command.add_argument("--workdir", help="where to write them (default: a new temp folder)")
     command.add_argument("--repeats", type=int, default=3, help="passes; the best counts")
     command.set_defaults(run=augment)
+    command = commands.add_parser("train", help="training-step throughput and MFU")
+    command.add_argument("--arch", default="vit_base", choices=sorted(raddino.ARCHS))
+    command.add_argument("--batch", type=int, default=64, help="images per step")
+    command.add_argument("--global-size", type=int, default=224)
+    command.add_argument("--local-size", type=int, default=98)
+    command.add_argument("--n-local", type=int, default=8)
+    command.add_argument("--img-size", type=int, default=224, help="stored position-embedding grid")
+    command.add_argument("--out-dim", type=int, default=65536)
+    command.add_argument("--hidden-dim", type=int, default=2048)
+    command.add_argument("--bottleneck-dim", type=int, default=256)
+    command.add_argument("--grad-checkpointing", action="store_true")
+    command.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                         help="default: on GPU only")
+    command.add_argument("--steps", type=int, default=20)
+    command.add_argument("--warmup", type=int, default=5)
+    command.add_argument("--device", default="auto", choices=["auto", "cpu"])
+    command.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not known here")
+    command.set_defaults(run=train_step)
     args = parser.parse_args()
     args.run(args)
 
