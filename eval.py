@@ -164,7 +164,7 @@ def extract_features(model, rows, size, patch_rows=(), batch_size=32, name=""):
 def get_features(spec, rows, table, size, need_patch, out_dir):
     """extract_features, cached in out_dir. A cache without patch tokens is redone if seg wants them."""
     file = Path(out_dir) / f"features-{cache_key(spec, table, size)}.pt"
-    if file.exists() and ("patch" in (features := torch.load(file)) or not need_patch):
+    if file.exists() and ("patch" in (features := torch.load(file, weights_only=True)) or not need_patch):
         print(f"{spec}: features from the cache {file}")
         return features
     patch_rows = [i for i, row in enumerate(rows) if row.get("mask")] if need_patch else []  # seg reads no others
