@@ -259,9 +259,10 @@ def draw_loss_curve(path, width=640, height=360, pad=40):
     steps = [h["step"] for h in history]
     terms = {"loss": (0, 0, 0), "dino_local": (31, 119, 180), "dino_global": (44, 160, 44), "ibot": (214, 39, 40),
              "koleo": (148, 103, 189)}
-    top = max(max(h[t] * (0.1 if t == "koleo" else 1) for h in history) for t in terms)
+    values = [h[t] * (0.1 if t == "koleo" else 1) for h in history for t in terms]
+    top, bottom = max(values), min(values)
     x = lambda s: pad + (width - 2 * pad) * (s - steps[0]) / max(1, steps[-1] - steps[0])  # noqa: E731
-    y = lambda v: height - pad - (height - 2 * pad) * v / max(top, 1e-9)  # noqa: E731
+    y = lambda v: height - pad - (height - 2 * pad) * (v - bottom) / max(top - bottom, 1e-9)  # noqa: E731
     draw.rectangle([pad, pad, width - pad, height - pad], outline=(180, 180, 180))
     for i, (term, colour) in enumerate(terms.items()):
         scale = 0.1 if term == "koleo" else 1.0  # KoLeo is shown with its weight
@@ -270,6 +271,7 @@ def draw_loss_curve(path, width=640, height=360, pad=40):
     draw.text((pad, height - pad + 8), f"step {steps[0]}", fill=(0, 0, 0))
     draw.text((width - pad - 70, height - pad + 8), f"step {steps[-1]}", fill=(0, 0, 0))
     draw.text((5, pad - 12), f"{top:.2f}", fill=(0, 0, 0))
+    draw.text((5, height - pad - 12), f"{bottom:.2f}", fill=(0, 0, 0))
     image.save(path)
 
 
@@ -279,7 +281,7 @@ log(f"training steps {start_step} -> {total_steps}: global batch {global_batch} 
 autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_cuda else torch.autocast("cpu", enabled=False)
 clip_modules = [model.student[k] for k in model.student.keys()]  # backbone and heads clipped separately
 metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
-window_start, window_images, skipped = time.time(), 0, 0
+window_start, window_images, skipped, warned = time.time(), 0, 0, False
 step = start_step
 batches = iter(make_loader(start_step)) if start_step < total_steps else []
 if start_step:  # restore the RNGs (drop path) only now: starting the loader draws from them
@@ -339,10 +341,12 @@ for batch in batches:
             f"T_t {values['teacher_temp']:.3f} | {speed:.1f} img/s | ETA {eta / 60:.1f} min | "
             f"mem {memory:.2f} GiB | H(t) {entropy:.2f} H(mean t) {batch_entropy:.2f} cls spread {cls_spread:.2f}"
             + (f" | skipped files {skipped}" if skipped else ""))
-        if step + 1 > config["teacher_temp.warmup_epochs"] * epoch and (entropy > 0.98 or batch_entropy < 0.1
-                                                                        or cls_spread < 0.02):
+        collapsed = entropy > 0.98 or batch_entropy < 0.1 or cls_spread < 0.02
+        if step + 1 > config["teacher_temp.warmup_epochs"] * epoch and collapsed and not warned:  # said once
+            warned = True
             log("WARNING: the outputs look collapsed (teacher near-uniform, one prototype for every image, or all "
-                "CLS embeddings alike). Check the learning rate, teacher temperature and centring.")
+                "CLS embeddings alike). Check the learning rate, teacher temperature and centring; in runs of a few "
+                "hundred steps DINOv2's settings do this (README, 'Short runs').")
         if metrics_file:
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
