@@ -159,3 +159,20 @@ def test_a_non_finite_loss_stops_the_run_without_a_checkpoint(phantoms, tmp_path
     assert "non-finite loss at step 3" in result.stderr and "dino_global=nan" in result.stderr
     assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == ["checkpoint_0000002.pt"]
     assert not (out / "export").exists()
+
+
+def test_init_backbone_starts_student_and_teacher_from_weights(phantoms, tmp_path):
+    """A DINOv2-style 3-channel file with a 112-px (8 x 8) grid: folded to one channel, its grid kept."""
+    torch.manual_seed(1)
+    source = raddino.build_vit("vit_tiny", img_size=112)
+    torch.save(source.state_dict(), tmp_path / "hub.pth")
+    out = tmp_path / "run"
+    train(tiny_run(phantoms, out, "train.steps=1", f"init.backbone={tmp_path / 'hub.pth'}", "optim.base_lr=0.0",
+                   "optim.weight_decay=0.0", "optim.weight_decay_end=0.0", "model.drop_path=0.0",
+                   "momentum.start=1.0", "momentum.end=1.0"))
+    state = student_state(out)
+    assert state["backbone_args"]["img_size"] == 112 and state["backbone_args"]["in_chans"] == 1
+    folded = raddino.fold_channels(source.state_dict()["patch_embed.proj.weight"], 1)
+    for prefix in ("student.backbone.", "teacher.backbone."):  # lr 0 and momentum 1: one step changes no weight
+        assert torch.equal(state["model"][prefix + "patch_embed.proj.weight"], folded)
+        assert torch.equal(state["model"][prefix + "blocks.5.mlp.fc1.weight"], source.blocks[5].mlp.fc1.weight)
