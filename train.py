@@ -110,7 +110,10 @@ if config["data.root"] == "data/synthetic" and not (root / "labels.csv").exists(
         data.make_phantoms(root, n=config["data.synthetic_images"], size=256, seed=0)
     if distributed:
         dist.barrier()
-paths = data.image_paths(root, split=config["data.split"] or None)
+try:
+    paths = data.image_paths(root, split=config["data.split"] or None)
+except ValueError as e:  # e.g. a plain folder of images with the default data.split=train
+    raise SystemExit(f"error: {e}" + (" (data.split= uses every image)" if config["data.split"] else ""))
 global_size, local_size, patch = config["crops.global_size"], config["crops.local_size"], config["model.patch_size"]
 multicrop = data.MultiCrop(
     global_size=global_size, local_size=local_size, n_local=config["crops.n_local"],
@@ -236,8 +239,9 @@ def save_checkpoint(step):
     """Everything needed to continue bitwise: weights, optimiser, step, every rank's RNG and
     the history; the loader needs only the step. Written atomically, oldest ones pruned."""
     rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if use_cuda else {})}
-    all_rng = [None] * world_size
-    dist.all_gather_object(all_rng, rng) if distributed else all_rng.__setitem__(0, rng)
+    all_rng = [rng] * world_size
+    if distributed:
+        dist.all_gather_object(all_rng, rng)
     if not master:
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "rng": all_rng,
