@@ -297,18 +297,20 @@ class MultiCrop:
         return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)[None])
 
 # ===== evaluation preprocessing =====
-def preprocess(image, size=518):
+def preprocess(image, size=518, mask=False):
     """The microsoft/rad-dino image processor on one channel: (H, W) -> (1, size, size). It
     resizes the shorter side to `size`, the longer to int(size * long / short), with Pillow's
     bicubic on the 8-bit image (on RGB, whose channels are all this one), centre-crops, divides
-    by 255, normalises. 16-bit images are resized as floats in [0, 1] (Pillow mode F)."""
+    by 255, normalises; 16-bit images are resized as floats in [0, 1] (Pillow mode F). With
+    mask=True, a label mask takes the same geometry, nearest-neighbour: (size, size) bool."""
     height, width = image.shape
     new_long = int(size * max(height, width) / min(height, width))  # int(), as transformers
+    image = ((to_unit(image) > 0.5) * 255).astype(np.uint8) if mask else image
     pil = Image.fromarray(image if image.dtype == np.uint8 else to_unit(image))
-    pil = pil.resize((size, new_long) if width <= height else (new_long, size), Image.BICUBIC)
-    pixels = np.asarray(pil, dtype=np.float32) / (255 if image.dtype == np.uint8 else 1)
-    top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
-    return torch.from_numpy((pixels[top:top + size, left:left + size] - MEAN) / STD)[None]
+    pil = pil.resize((size, new_long) if width <= height else (new_long, size), Image.NEAREST if mask else Image.BICUBIC)
+    top, left = (pil.height - size) // 2, (pil.width - size) // 2
+    pixels = np.asarray(pil, np.float32)[top:top + size, left:left + size] / (255 if image.dtype == np.uint8 else 1)
+    return pixels > 0.5 if mask else torch.from_numpy((pixels - MEAN) / STD)[None]
 
 # ===== iBOT block masks =====
 class MaskGenerator:
@@ -396,17 +398,15 @@ class PretrainLoader(torch.utils.data.Dataset):
     (seed, step). So resuming at a step is exact, the number of workers changes nothing,
     and the global batch is the same however many ranks share it. Every iter() starts over
     at start_step. Batches: global, local, masks (see collate), step, n_skipped."""
-    def __init__(self, paths, multicrop, mask_generator, batch_size, seed=0, rank=0,
-                 world_size=1, start_step=0, num_workers=0, on_bad_file="error",
-                 pin_memory=False, mask_ratio=(0.1, 0.5), mask_prob=0.5):
+    def __init__(self, paths, multicrop, mask_generator, batch_size, seed=0, rank=0, world_size=1, start_step=0,
+                 num_workers=0, on_bad_file="error", pin_memory=False, mask_ratio=(0.1, 0.5), mask_prob=0.5):
         if on_bad_file not in ("error", "skip"):
             raise ValueError(f"on_bad_file must be 'error' or 'skip', not {on_bad_file!r}")
         self.__dict__.update({k: v for k, v in locals().items() if k != "self"})  # all kept
         self.paths, self.loader = list(paths), None
         self.steps_per_epoch = len(self.paths) // (batch_size * world_size)  # tail dropped
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.paths)} images cannot fill one global batch of "
-                             f"{batch_size} x {world_size} ranks = {batch_size * world_size}")
+            raise ValueError(f"{len(self.paths)} images cannot fill one global batch of {batch_size} x {world_size} ranks")
 
     def sample_indices(self, step):
         """Dataset indices of this rank's samples at `step`, before any bad-file swap."""

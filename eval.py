@@ -241,18 +241,6 @@ def ridge_probe(features, target, split, alpha_grid=tuple(10.0 ** np.arange(-2, 
     return {**with_ci(REGRESSION, [target[test], predict(alpha, test)]), "alpha": float(alpha)}
 
 
-def preprocess_mask(mask, size):
-    """A mask through data.preprocess's geometry (shorter side to size, the longer to
-    int(size * long / short), centre crop), nearest-neighbour so it stays binary: -> (size, size)
-    bool. The geometry is repeated, not shared; a test checks that both land on the same pixels."""
-    height, width = mask.shape
-    new_long = int(size * max(height, width) / min(height, width))
-    binary = Image.fromarray(((data.to_unit(mask) > 0.5) * 255).astype(np.uint8))  # 8- or 16-bit -> 0/255
-    pixels = np.asarray(binary.resize((size, new_long) if width <= height else (new_long, size), Image.NEAREST))
-    top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
-    return pixels[top:top + size, left:left + size] > 127
-
-
 def train_seg_head(patch, masks, steps=300, batch_size=16, lr=1e-2, seed=0):
     """The linear segmentation probe, (B, D, g, g) frozen patch tokens -> (B, 1, S, S) logits: BatchNorm, a
     1x1 conv, bilinear upsampling to the masks' size. Adam on per-pixel BCE against (B, S, S) bool masks, 300
@@ -276,7 +264,7 @@ def seg_probe(features, rows, split, size, png):
     mask; a picture of four of them, truth in green and prediction in red (both: yellow)."""
     patch_rows, grid = features["patch_rows"].tolist(), math.isqrt(features["patch"].shape[1])
     patch = features["patch"].float().transpose(1, 2).reshape(len(patch_rows), -1, grid, grid)  # (m, N, D) -> (m, D, g, g)
-    masks = torch.from_numpy(np.stack([preprocess_mask(data.load_image(rows[i]["mask"]), size) for i in patch_rows]))
+    masks = torch.from_numpy(np.stack([data.preprocess(data.load_image(rows[i]["mask"]), size, mask=True) for i in patch_rows]))
     train, test = ([j for j, i in enumerate(patch_rows) if split[i] == s] for s in ("train", "test"))
     if len(train) < 2 or not test:  # BatchNorm cannot train on one image
         raise ValueError(f"seg needs masks on 2+ train rows and 1+ test rows; found {len(train)} and {len(test)}")

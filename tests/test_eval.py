@@ -173,7 +173,7 @@ def test_masks_land_on_the_same_pixels_as_the_images():
     image[30:70, 10:45] = 220
     size = 28
     seen = data.preprocess(image, size)[0].numpy() > (130 / 255 - data.MEAN) / data.STD
-    mask = ev.preprocess_mask((image > 128).astype(np.uint8) * 255, size)
+    mask = data.preprocess((image > 128).astype(np.uint8) * 255, size, mask=True)
     assert mask.shape == (size, size) and mask.dtype == bool
     assert np.mean(seen == mask) > 0.97  # bicubic and nearest may disagree on the edge pixels only
 
