@@ -440,10 +440,10 @@ class PretrainLoader(torch.utils.data.Dataset):
 
     def __iter__(self):
         if self.loader is None:  # batch_size=None: items already are batches; k = 0, 1, ...
-            self.loader = torch.utils.data.DataLoader(
+            self.loader = torch.utils.data.DataLoader(  # its own generator: starting it leaves torch's RNG alone
                 self, batch_size=None, sampler=range(sys.maxsize), num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory,
-                prefetch_factor=2 if self.num_workers else None)
+                prefetch_factor=2 if self.num_workers else None, generator=torch.Generator())
         return iter(self.loader)
 
     def __getstate__(self):  # workers get the dataset, not the loader that runs them

@@ -232,6 +232,10 @@ if config["resume"] and checkpoint_paths():
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     start_step, history = state["step"], state["history"]
+    rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]  # drop path draws from it
+    torch.set_rng_state(rng["cpu"])
+    if use_cuda and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
     log(f"resumed from {path} at step {start_step}")
 
 
@@ -287,13 +291,7 @@ clip_modules = [model.student[k] for k in model.student.keys()]  # backbone and 
 metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
 window_start, window_images, skipped, warned = time.time(), 0, 0, False
 step = start_step
-batches = iter(make_loader(start_step)) if start_step < total_steps else []
-if start_step:  # restore the RNGs (drop path) only now: starting the loader draws from them
-    rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]
-    torch.set_rng_state(rng["cpu"])
-    if use_cuda and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"], device)
-for batch in batches:
+for batch in make_loader(start_step) if start_step < total_steps else []:
     step = batch["step"]
     values = schedules(step)
     for group in optimizer.param_groups:
