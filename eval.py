@@ -271,15 +271,15 @@ def seg_probe(features, rows, split, size, png):
     head = train_seg_head(patch[train], masks[train])
     pred = (head(patch[test])[:, 0] > 0).numpy()  # logit 0 = probability 1/2
     dice, iou = dice_iou(pred, masks[test].numpy())
-    save_png([0.7 * gray_rgb(rows[patch_rows[j]], size) + 0.3 * np.stack([p, masks[j].numpy(), 0 * p], -1)
+    save_png([0.7 * gray_rgb(data.preprocess(data.load_image(rows[patch_rows[j]]["image"]), size)) + 0.3 * np.stack([p, masks[j].numpy(), 0 * p], -1)
               for j, p in zip(test[:4], pred)], png)  # red = prediction, green = truth
     metrics = {"dice": lambda d, i: float(d.mean()), "iou": lambda d, i: float(i.mean())}  # one resample for both
     return {**with_ci(metrics, [dice, iou]), "n": {"train": len(train), "test": len(test)}, "png": str(png)}
 
 
-def gray_rgb(row, size):
-    """The image exactly as the backbone saw it, back in [0, 1], as (size, size, 3)."""
-    pixels = data.preprocess(data.load_image(row["image"]), size)[0].numpy() * data.STD + data.MEAN
+def gray_rgb(image):
+    """A preprocessed (1, S, S) image, as the backbone saw it, back in [0, 1] as (S, S, 3)."""
+    pixels = image[0].numpy() * data.STD + data.MEAN
     return np.repeat(np.clip(pixels, 0, 1)[..., None], 3, axis=2)
 
 
@@ -302,7 +302,7 @@ def pca_picture(model, rows, size, png):
     low, high = components.min(0).values, components.max(0).values  # each component stretched to [0, 1]
     rgb = ((components - low) / (high - low).clamp_min(1e-12)).reshape(len(rows), *[math.isqrt(patch.shape[1])] * 2, 3)
     rgb = F.interpolate(rgb.permute(0, 3, 1, 2), size=(size, size), mode="nearest").permute(0, 2, 3, 1)  # (B, S, S, 3)
-    save_png([p for row, picture in zip(rows, rgb.numpy()) for p in (gray_rgb(row, size), picture)], png)
+    save_png([p for image, picture in zip(images, rgb.numpy()) for p in (gray_rgb(image), picture)], png)  # decoded once
     return {"png": str(png)}
 
 # ===== labels, splits, tasks =====
