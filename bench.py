@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import data  # noqa: E402
+import phantoms  # noqa: E402
 import raddino  # noqa: E402
 
 COVID = Path(__file__).parent / ".." / "shared" / "data" / "covid-cxr"
@@ -45,7 +46,7 @@ def write_bench_images(folder, n, size):
     folder.mkdir(parents=True, exist_ok=True)
     sources = sorted((COVID / "images").glob("*.png"))[:n]
     if len(sources) < n:
-        return data.image_paths(data.make_phantoms(folder / "phantoms", n=n, size=size))
+        return data.image_paths(phantoms.make_phantoms(folder / "phantoms", n=n, size=size))
     paths = []
     for k, source in enumerate(sources):
         image = Image.fromarray(data.load_image(source))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import phantoms
 import raddino
 
 TASKS = ("linear", "knn", "seg", "age", "sex", "pca")
@@ -391,7 +392,7 @@ def main(argv=None):
     if args.data is None:
         args.data, synthetic = "data/synthetic", True
         if not Path(args.data, "labels.csv").exists():
-            data.make_phantoms(args.data, n=600, size=256)  # make_phantoms' default set, ~10 s to draw
+            phantoms.make_phantoms(args.data, n=600, size=256)  # make_phantoms' default set, ~10 s to draw
     if not args.backbone:
         newest = newest_checkpoint()
         args.backbone = ["random:vit_small"] + ([str(newest)] if newest else [])

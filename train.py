@@ -26,6 +26,7 @@ import yaml
 from PIL import Image, ImageDraw
 
 import data
+import phantoms
 import raddino
 
 HERE = Path(__file__).resolve().parent
@@ -107,7 +108,7 @@ root = Path(config["data.root"])
 if config["data.root"] == "data/synthetic" and not (root / "labels.csv").exists():
     if master:  # the built-in default: synthetic phantoms, made once
         log(f"making the built-in SYNTHETIC phantom set ({config['data.synthetic_images']} images) in {root}")
-        data.make_phantoms(root, n=config["data.synthetic_images"], size=256, seed=0)
+        phantoms.make_phantoms(root, n=config["data.synthetic_images"], size=256, seed=0)
     if distributed:
         dist.barrier()
 try:

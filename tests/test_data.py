@@ -1,4 +1,4 @@
-"""data.py: loading, tables, phantoms, multi-crop, preprocessing, masks, collate, loader.
+"""data.py: loading, tables, multi-crop, preprocessing, masks, collate, loader.
 
 CPU only and fast: small phantoms, small crops. The real-data tests read
 ../shared/data/covid-cxr (relative to the repository) and skip if it is absent.
@@ -15,6 +15,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import data  # noqa: E402
+import phantoms  # noqa: E402
 
 COVID = Path(__file__).parents[1] / ".." / "shared" / "data" / "covid-cxr"
 needs_covid = pytest.mark.skipif(not (COVID / "labels.csv").is_file(), reason="no covid-cxr")
@@ -24,8 +25,8 @@ SMALL = dict(global_size=32, local_size=16, n_local=2)
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    return data.make_phantoms(tmp_path_factory.mktemp("synthetic"), n=24, size=64, seed=3)
+def phantom_set(tmp_path_factory):
+    return phantoms.make_phantoms(tmp_path_factory.mktemp("synthetic"), n=24, size=64, seed=3)
 
 
 def gray(height=256, width=264, seed=0):
@@ -128,41 +129,6 @@ def test_covid_table():
     assert sum(row["mask"] is not None for row in rows) == 192
     assert all(row["image"].is_absolute() and row["image"].is_file() for row in rows)
     assert len(data.image_paths(COVID, split="val")) == 159
-
-# ===== phantoms =====
-
-def test_phantoms_are_deterministic(phantoms, tmp_path):
-    again = data.make_phantoms(tmp_path / "again", n=24, size=64, seed=3)
-    other = data.make_phantoms(tmp_path / "other", n=24, size=64, seed=4)
-    files = sorted(p.relative_to(phantoms.parent) for p in phantoms.parent.rglob("*.*"))
-    assert len(files) == 24 * 2 + 2
-    for f in files:
-        assert (phantoms.parent / f).read_bytes() == (again.parent / f).read_bytes()
-    assert (phantoms.parent / files[2]).read_bytes() != (other.parent / files[2]).read_bytes()
-    assert "Synthetic" in (phantoms.parent / "README.txt").read_text()
-    rows = data.read_table(phantoms)
-    assert {r["split"] for r in rows} == {"train", "val", "test"}
-    assert [r["split"] for r in rows].count("train") == round(0.6 * 24)
-
-
-def test_phantom_labels_match_the_pixels():
-    for key in range(6):
-        image, lungs = data.draw_phantom(128, "F" if key % 2 else "M", 30 + 10 * key, "none",
-                                         key=(key,))
-        assert 0.1 < lungs.mean() < 0.4
-        # The lungs are the dark regions of the chest: a ring just outside them is brighter.
-        grown = lungs.copy()
-        for shift in (-4, 4):
-            grown |= np.roll(lungs, shift, 0) | np.roll(lungs, shift, 1)
-        assert image[grown & ~lungs].mean() > image[lungs].mean() + 40
-        for finding in ("nodule", "opacity", "effusion"):
-            sick, same_lungs = data.draw_phantom(128, "M", 50, finding, key=(key,))
-            healthy, _ = data.draw_phantom(128, "M", 50, "none", key=(key,))
-            changed = sick != healthy
-            assert changed.sum() > 10 and not (changed & ~same_lungs).any(), finding
-            assert sick[changed].astype(int).sum() > healthy[changed].astype(int).sum()
-    with pytest.raises(ValueError, match="finding"):
-        data.draw_phantom(32, "M", 50, "fracture")
 
 # ===== multi-crop =====
 
@@ -355,8 +321,8 @@ def loader(paths, **kwargs):
     return data.PretrainLoader(paths, data.MultiCrop(**SMALL), data.MaskGenerator(4), **settings)
 
 
-def test_sharding_covers_every_sample_once_per_epoch(phantoms):
-    paths = data.image_paths(phantoms)  # 24 images, 2 ranks x 4: 3 steps an epoch
+def test_sharding_covers_every_sample_once_per_epoch(phantom_set):
+    paths = data.image_paths(phantom_set)  # 24 images, 2 ranks x 4: 3 steps an epoch
     ranks = [loader(paths, rank=r, world_size=2) for r in range(2)]
     assert ranks[0].steps_per_epoch == 3
     for epoch in range(2):
@@ -368,8 +334,8 @@ def test_sharding_covers_every_sample_once_per_epoch(phantoms):
         loader(paths, batch_size=13, world_size=2)
 
 
-def test_two_ranks_make_the_same_global_batch_as_one(phantoms):
-    paths = data.image_paths(phantoms)
+def test_two_ranks_make_the_same_global_batch_as_one(phantom_set):
+    paths = data.image_paths(phantom_set)
     one = next(iter(loader(paths, batch_size=4, start_step=2)))
     two = [next(iter(loader(paths, batch_size=2, rank=r, world_size=2, start_step=2)))
            for r in range(2)]
@@ -380,8 +346,8 @@ def test_two_ranks_make_the_same_global_batch_as_one(phantoms):
     assert one["step"] == 2 and one["n_skipped"] == 0
 
 
-def test_resume_and_workers_give_the_same_batches(phantoms):
-    paths = data.image_paths(phantoms)
+def test_resume_and_workers_give_the_same_batches(phantom_set):
+    paths = data.image_paths(phantom_set)
     through = iter(loader(paths))
     for _ in range(4):
         expected = next(through)
@@ -391,10 +357,10 @@ def test_resume_and_workers_give_the_same_batches(phantoms):
         assert torch.equal(expected[key], resumed[key])
 
 
-def test_bad_files_are_skipped_or_raised(phantoms, tmp_path):
+def test_bad_files_are_skipped_or_raised(phantom_set, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (tmp_path / "empty.png").write_bytes(b"")
-    paths = data.image_paths(phantoms)[:6] + [tmp_path / "broken.png", tmp_path / "empty.png"]
+    paths = data.image_paths(phantom_set)[:6] + [tmp_path / "broken.png", tmp_path / "empty.png"]
     skipping = iter(loader(paths, on_bad_file="skip"))  # 8 paths, batch 4: 2 steps an epoch
     batches = [next(skipping) for _ in range(2)]
     assert all(b["global"].shape == (8, 1, 32, 32) for b in batches)

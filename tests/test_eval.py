@@ -16,6 +16,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import data  # noqa: E402
+import phantoms  # noqa: E402
 import eval as ev  # noqa: E402
 
 
@@ -180,18 +181,18 @@ def test_masks_land_on_the_same_pixels_as_the_images():
 # ===== the command line =====
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
-    return data.make_phantoms(tmp_path_factory.mktemp("phantoms"), n=40, size=64, seed=1).parent
+def phantom_set(tmp_path_factory):
+    return phantoms.make_phantoms(tmp_path_factory.mktemp("phantoms"), n=40, size=64, seed=1).parent
 
 
-def test_cli_end_to_end_and_the_cache(phantoms, tmp_path, capsys):
+def test_cli_end_to_end_and_the_cache(phantom_set, tmp_path, capsys):
     out = tmp_path / "eval" / "results.json"
-    argv = ["--backbone", "random:vit_tiny", "--data", str(phantoms), "--size", "56", "--out", str(out)]
+    argv = ["--backbone", "random:vit_tiny", "--data", str(phantom_set), "--size", "56", "--out", str(out)]
     report = ev.main(argv + ["--task", "all", "--label", "finding"])
     results = report["results"]["random:vit_tiny"]
     assert set(results) == {"linear/finding", "knn/finding", "seg", "age", "sex", "pca"}
     assert set(results["linear/finding"]) >= {"auroc", "auprc", "accuracy", "l2", "n", "classes", "dropped"}
-    assert set(results["linear/finding"]["classes"]) <= set(data.FINDINGS) and results["sex"]["classes"] == ["F", "M"]
+    assert set(results["linear/finding"]["classes"]) <= set(phantoms.FINDINGS) and results["sex"]["classes"] == ["F", "M"]
     assert results["seg"]["n"] == {"train": 24, "test": 8} and 0 <= results["seg"]["dice"]["value"] <= 1
     assert Path(results["pca"]["png"]).is_file() and Image.open(results["seg"]["png"]).size[1] == 56
     saved = out.read_text()
@@ -216,21 +217,21 @@ def rewrite(table, out_dir, change):
     return out_dir
 
 
-def test_missing_columns_and_splits_are_named(phantoms, tmp_path):
+def test_missing_columns_and_splits_are_named(phantom_set, tmp_path):
     argv = ["--backbone", "random:vit_tiny", "--size", "56", "--out", str(tmp_path / "r.json")]
     with pytest.raises(ValueError, match=r"labels\.csv: no 'smoker' column"):
-        ev.main(argv + ["--data", str(phantoms), "--label", "smoker"])
-    no_val = rewrite(phantoms / "labels.csv", tmp_path, lambda row: {**row, "split": row["split"].replace("val", "train")})
+        ev.main(argv + ["--data", str(phantom_set), "--label", "smoker"])
+    no_val = rewrite(phantom_set / "labels.csv", tmp_path, lambda row: {**row, "split": row["split"].replace("val", "train")})
     with pytest.raises(ValueError, match=r"labels\.csv: .*split 'val'"):
         ev.main(argv + ["--data", str(no_val), "--task", "linear"])
     assert not list(tmp_path.glob("features-*.pt"))  # both failed before any feature was computed
     with pytest.raises(ValueError, match="task 'seg' needs a 'mask' column"):
-        ev.main(argv + ["--data", str(rewrite(phantoms / "labels.csv", tmp_path, lambda row: {**row, "mask": ""})),
+        ev.main(argv + ["--data", str(rewrite(phantom_set / "labels.csv", tmp_path, lambda row: {**row, "mask": ""})),
                         "--task", "seg"])
 
 
-def test_rows_without_a_label_are_dropped_and_counted(phantoms, tmp_path):
-    unknown = rewrite(phantoms / "labels.csv", tmp_path, lambda row: {**row, "sex": "" if row["image"][-5] in "05" else row["sex"]})
+def test_rows_without_a_label_are_dropped_and_counted(phantom_set, tmp_path):
+    unknown = rewrite(phantom_set / "labels.csv", tmp_path, lambda row: {**row, "sex": "" if row["image"][-5] in "05" else row["sex"]})
     report = ev.main(["--backbone", "random:vit_tiny", "--data", str(unknown), "--size", "56", "--task", "sex", "age",
                       "--out", str(tmp_path / "r.json")])
     sex, age = report["results"]["random:vit_tiny"]["sex"], report["results"]["random:vit_tiny"]["age"]

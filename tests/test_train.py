@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import data
+import phantoms
 import raddino
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,15 +22,15 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def phantoms(tmp_path_factory):
+def phantom_set(tmp_path_factory):
     folder = tmp_path_factory.mktemp("phantoms")
-    data.make_phantoms(folder, n=48, size=64, seed=0)
+    phantoms.make_phantoms(folder, n=48, size=64, seed=0)
     return folder
 
 
-def tiny_run(phantoms, out_dir, *extra):
+def tiny_run(phantom_set, out_dir, *extra):
     """A run small enough for CI: ViT-Ti on 56-px global / 28-px local crops, a small head."""
-    return [f"out_dir={out_dir}", f"data.root={phantoms}", "data.workers=0", "model.arch=vit_tiny",
+    return [f"out_dir={out_dir}", f"data.root={phantom_set}", "data.workers=0", "model.arch=vit_tiny",
             "crops.global_size=56", "crops.local_size=28", "crops.n_local=2", "train.batch_size=4",
             "head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16", "compile=false", "train.log_every=1",
             *extra]
@@ -60,10 +61,10 @@ def test_unknown_keys_and_wrong_types_are_clear_errors(tmp_path):
     assert result.returncode != 0 and "loss.koleo_wieght" in result.stderr and "other.yaml" in result.stderr
 
 
-def test_a_short_run_end_to_end(phantoms, tmp_path):
+def test_a_short_run_end_to_end(phantom_set, tmp_path):
     out = tmp_path / "run"
     (tmp_path / "extra.yaml").write_text("optim.base_lr: 1\n")  # an int where a float is expected is fine
-    result = train(tiny_run(phantoms, out, f"config={tmp_path / 'extra.yaml'}", "train.steps=3", "train.save_every=2",
+    result = train(tiny_run(phantom_set, out, f"config={tmp_path / 'extra.yaml'}", "train.steps=3", "train.save_every=2",
                             "train.epoch_length=1"))
     log = result.stdout
     assert "torch " + torch.__version__ in log and "world size 1" in log and "crops.n_local: 2" in log
@@ -82,9 +83,9 @@ def test_a_short_run_end_to_end(phantoms, tmp_path):
     assert "python eval.py --backbone" in log
 
 
-def test_schedules_and_parameter_groups(phantoms, tmp_path):
+def test_schedules_and_parameter_groups(phantom_set, tmp_path):
     out = tmp_path / "run"
-    train(tiny_run(phantoms, out, "train.steps=6", "train.epoch_length=1", "optim.warmup_epochs=2",
+    train(tiny_run(phantom_set, out, "train.steps=6", "train.epoch_length=1", "optim.warmup_epochs=2",
                    "teacher_temp.warmup_epochs=3", "optim.freeze_last_layer_epochs=100", "train.save_every=6"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     peak = 0.004 * math.sqrt(4 / 1024)
@@ -117,11 +118,11 @@ def test_schedules_and_parameter_groups(phantoms, tmp_path):
     assert by_name["dino_head.last_layer.weight_g"]["lr"] == 0.0 and by_name["dino_head.mlp.0.weight"]["lr"] > 0
 
 
-def test_resume_after_sigkill_is_bitwise_identical(phantoms, tmp_path):
+def test_resume_after_sigkill_is_bitwise_identical(phantom_set, tmp_path):
     args = ["train.steps=8", "train.save_every=4", "model.drop_path=0.1"]
-    train(tiny_run(phantoms, tmp_path / "straight", *args))
+    train(tiny_run(phantom_set, tmp_path / "straight", *args))
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *tiny_run(phantoms, killed, *args,
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *tiny_run(phantom_set, killed, *args,
                                 "train.log_every=100")], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
@@ -131,7 +132,7 @@ def test_resume_after_sigkill_is_bitwise_identical(phantoms, tmp_path):
     process.wait()
     assert not (killed / "checkpoint_0000008.pt").exists(), "the run finished before it could be killed"
     (killed / "checkpoint_0000006.pt.tmp999").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves it
-    result = train(tiny_run(phantoms, killed, *args))
+    result = train(tiny_run(phantom_set, killed, *args))
     assert "resumed from" in result.stdout and "checkpoint_0000004.pt" in result.stdout
     a, b = student_state(tmp_path / "straight"), student_state(killed)
     assert a["step"] == b["step"] == 8
@@ -139,10 +140,10 @@ def test_resume_after_sigkill_is_bitwise_identical(phantoms, tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(phantoms, tmp_path):
+def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_path):
     args = ["train.steps=2", "train.save_every=2", "model.drop_path=0.0", "loss.koleo_weight=0.0"]
-    train(tiny_run(phantoms, tmp_path / "one", *args, "train.batch_size=8"))
-    result = train(tiny_run(phantoms, tmp_path / "two", *args, "train.batch_size=4"),
+    train(tiny_run(phantom_set, tmp_path / "one", *args, "train.batch_size=8"))
+    result = train(tiny_run(phantom_set, tmp_path / "two", *args, "train.batch_size=4"),
                    launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
     assert "world size 2" in result.stdout
     one, two = student_state(tmp_path / "one"), student_state(tmp_path / "two")
@@ -150,10 +151,10 @@ def test_two_processes_equal_one_with_the_same_global_batch(phantoms, tmp_path):
         torch.testing.assert_close(one["model"][key], two["model"][key], atol=1e-5, rtol=1e-5, msg=key)
 
 
-def test_a_non_finite_loss_stops_the_run_without_a_checkpoint(phantoms, tmp_path):
+def test_a_non_finite_loss_stops_the_run_without_a_checkpoint(phantom_set, tmp_path):
     # A teacher temperature that reaches 0 at step 3 makes the teacher's targets NaN there.
     out = tmp_path / "run"
-    result = train(tiny_run(phantoms, out, "train.steps=6", "train.save_every=2", "train.epoch_length=1",
+    result = train(tiny_run(phantom_set, out, "train.steps=6", "train.save_every=2", "train.epoch_length=1",
                             "teacher_temp.end=0.0", "teacher_temp.warmup_epochs=3"), check=False)
     assert result.returncode != 0
     assert "non-finite loss at step 3" in result.stderr and "dino_global=nan" in result.stderr
@@ -161,13 +162,13 @@ def test_a_non_finite_loss_stops_the_run_without_a_checkpoint(phantoms, tmp_path
     assert not (out / "export").exists()
 
 
-def test_init_backbone_starts_student_and_teacher_from_weights(phantoms, tmp_path):
+def test_init_backbone_starts_student_and_teacher_from_weights(phantom_set, tmp_path):
     """A DINOv2-style 3-channel file with a 112-px (8 x 8) grid: folded to one channel, its grid kept."""
     torch.manual_seed(1)
     source = raddino.build_vit("vit_tiny", img_size=112)
     torch.save(source.state_dict(), tmp_path / "hub.pth")
     out = tmp_path / "run"
-    train(tiny_run(phantoms, out, "train.steps=1", f"init.backbone={tmp_path / 'hub.pth'}", "optim.base_lr=0.0",
+    train(tiny_run(phantom_set, out, "train.steps=1", f"init.backbone={tmp_path / 'hub.pth'}", "optim.base_lr=0.0",
                    "optim.weight_decay=0.0", "optim.weight_decay_end=0.0", "model.drop_path=0.0",
                    "momentum.start=1.0", "momentum.end=1.0"))
     state = student_state(out)
