@@ -183,7 +183,8 @@ def train_step(args):
 
     def step():
         with autocast:
-            loss = model(global_crops, local_crops, masks, teacher_temp=0.07)["loss"]
+            losses, _ = model(global_crops, local_crops, masks, teacher_temp=0.07)
+            loss = losses["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         for module in model.student.values():

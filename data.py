@@ -1,7 +1,13 @@
 """Images in, crops and masks out: everything RAD-DINO pretraining and evaluation read.
-In data order: load an image, find images in folders and tables,
-multi-crop augmentation, evaluation preprocessing, iBOT block masks, collate, the loader.
-Numbers and their sources: REFERENCE.md, "Augmentation" and "Masking"."""
+
+In data order: load an image; find images in folders, tables and mixtures of them;
+multi-crop augmentation; iBOT block masks; collate; the batches of pretraining and the
+loader over them; and, for evaluation, the rad-dino image processor on one channel.
+
+Augmentation numbers are DINOv2's (facebookresearch/dinov2, dinov2/data/augmentations.py
+and the DINOv2 paper, appendix); block masks are BEiT's (Bao et al. 2022, section 2.5) as
+DINOv2's dinov2/data/masking.py draws them.
+"""
 import csv
 import math
 import sys
@@ -15,13 +21,16 @@ from PIL import Image, UnidentifiedImageError
 
 # Intensity statistics of MIMIC-CXR, from the microsoft/rad-dino image processor, for x in
 # [0, 1]. The processor repeats them on 3 channels; we keep the one a radiograph has.
-MEAN, STD = 0.5307, 0.2583
+MEAN = 0.5307
+STD = 0.2583
 
 # Every random number here comes from np.random.default_rng([seed, STREAM, ...]): a batch is
 # then a pure function of its coordinates, and no two purposes ever share a stream.
 _PERMUTATION, _AUGMENT, _REPLACE, _MASKS = range(4)
 
 # ===== loading an image =====
+
+
 class ImageError(ValueError):
     """A file that is not a usable image. The message starts with the path."""
 
@@ -41,7 +50,8 @@ def load_image(path):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path, formats=("PNG", "JPEG", "BMP", "TIFF")) as image:
                 image.load()  # decode it all now, so truncation is caught here, not later
-                mode, gray = image.mode, image.mode.startswith("I") or image.mode in ("L", "F")
+                mode = image.mode
+                gray = mode.startswith("I") or mode in ("L", "F")
                 pixels = np.array(image if gray else image.convert("L"))  # a copy: writable
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageError(f"{path}: too many pixels, refused as a decompression bomb ({error})")
@@ -97,10 +107,47 @@ def image_paths(root, split=None):
     has_table = root.suffix.lower() == ".csv" or (root / "labels.csv").is_file()
     if split is not None and not has_table:
         raise ValueError(f"{root}: split '{split}' asked for, but there is no labels.csv")
-    paths = [row["image"] for row in read_table(root, split)] if has_table else list_images(root)
+    if has_table:
+        paths = [row["image"] for row in read_table(root, split)]
+    else:
+        paths = list_images(root)
     if not paths:
         raise ValueError(f"{root}: no images found")
     return paths
+
+
+def read_sources(spec, split=None):
+    """Pretraining sources -> [{"name", "paths", "weight"}].
+
+    spec is one source or a list of them. A source is a folder of images, a folder with a
+    labels.csv, or a csv; written as a path, or as {"root": path, "split": ..., "weight": w}
+    to give it its own split or weight. `split` is the default split of the sources that
+    have a table. A weight says how often each of the source's images is drawn per epoch
+    on average (default 1: every image once); 0.5 halves a large archive, 3 triples a small
+    one. RAD-DINO mixed five public archives and a private one this way."""
+    entries = spec if isinstance(spec, list) else [spec]
+    if not entries:
+        raise ValueError("data.root is an empty list: give at least one folder or table")
+    sources = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            entry = {"root": entry}
+        unknown = set(entry) - {"root", "split", "weight"}
+        if unknown or "root" not in entry:
+            raise ValueError(f"a source is a path or {{root, split, weight}}, got {entry!r}")
+        root = Path(str(entry["root"]))
+        if not root.exists():
+            raise ValueError(f"{root}: no such folder or table (a source in data.root)")
+        weight = entry.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ValueError(f"{root}: weight must be a positive number, got {weight!r}")
+        source_split = entry.get("split", split)
+        has_table = root.suffix.lower() == ".csv" or (root / "labels.csv").is_file()
+        if not has_table and "split" not in entry:
+            source_split = None  # a plain folder has no splits: every image
+        paths = image_paths(root, source_split or None)
+        sources.append({"name": str(root), "paths": paths, "weight": float(weight)})
+    return sources
 
 # ===== multi-crop augmentation =====
 # DINOv2's DataAugmentationDINO re-thought for one-channel radiographs: 2 global crops (224
@@ -120,15 +167,18 @@ def random_crop_box(height, width, scale, ratio, rng):
     first that fits wins, else a centre crop of the nearest allowed aspect. It always takes
     22 uniforms (10 tries x 2 + the corner), so the stream never depends on the outcome."""
     uniforms = rng.random(22).tolist()  # plain floats: numpy on 10 numbers is all overhead
-    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    log_low = math.log(ratio[0])
+    log_high = math.log(ratio[1])
     for k in range(10):
         area = height * width * (scale[0] + (scale[1] - scale[0]) * uniforms[k])
         aspect = math.exp(log_low + (log_high - log_low) * uniforms[10 + k])
-        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        w = round(math.sqrt(area * aspect))
+        h = round(math.sqrt(area / aspect))
         if 0 < w <= width and 0 < h <= height:
             return int(uniforms[20] * (height - h + 1)), int(uniforms[21] * (width - w + 1)), h, w
     # The fallback: a centre crop as large as fits, its aspect clamped into `ratio`.
-    h, w = min(height, round(width / ratio[0])), min(width, round(height * ratio[1]))
+    h = min(height, round(width / ratio[0]))
+    w = min(width, round(height * ratio[1]))
     return (height - h) // 2, (width - w) // 2, h, w
 
 def adjust_brightness(values, factor):
@@ -149,10 +199,11 @@ def gaussian_blur(image, sigma):
         n = len(image)  # reflect-pad by 4, half the kernel: 4 3 2 1 | 0 1 ... n-1 | n-2 ...
         index = np.abs(np.arange(-4, n + 4))
         padded = image[np.where(index < n, index, 2 * (n - 1) - index)]  # (n + 8, m)
-        blurred, pair = taps[4] * padded[4:n + 4], np.empty((n, image.shape[1]), np.float32)
+        blurred = taps[4] * padded[4:n + 4]
+        pair = np.empty((n, image.shape[1]), np.float32)
         for k in range(4):  # a symmetric kernel: taps k and 8 - k share one multiply
-            blurred += np.multiply(np.add(padded[k:k + n], padded[8 - k:n + 8 - k], out=pair),
-                                   taps[k], out=pair)
+            np.add(padded[k:k + n], padded[8 - k:n + 8 - k], out=pair)
+            blurred += np.multiply(pair, taps[k], out=pair)
         image = blurred.T  # (m, n)
     return image
 
@@ -166,7 +217,21 @@ class MultiCrop:
                  local_scale=(0.05, 0.32), ratio=(3 / 4, 4 / 3), flip_prob=0.5, jitter_prob=0.8,
                  brightness=0.4, contrast=0.4, blur_probs=(1.0, 0.1, 0.5), blur_sigma=(0.1, 2.0),
                  solarize_prob=0.2, mean=MEAN, std=STD):
-        self.__dict__.update({k: v for k, v in locals().items() if k != "self"})  # all kept
+        self.global_size = global_size
+        self.local_size = local_size
+        self.n_local = n_local
+        self.global_scale = global_scale
+        self.local_scale = local_scale
+        self.ratio = ratio
+        self.flip_prob = flip_prob
+        self.jitter_prob = jitter_prob
+        self.brightness = brightness
+        self.contrast = contrast
+        self.blur_probs = blur_probs
+        self.blur_sigma = blur_sigma
+        self.solarize_prob = solarize_prob
+        self.mean = mean
+        self.std = std
 
     def __call__(self, image, rng):
         # 8-bit stays uint8 through the resize, as torchvision's PIL path does; 16-bit goes
@@ -198,7 +263,9 @@ class MultiCrop:
             else:
                 values = adjust_brightness(adjust_contrast(values, contrast, counts), bright)
         if blur < blur_prob:
-            values, lookup = (values if lookup is None else np.take(values, lookup)), None
+            if lookup is not None:  # from gray levels to pixels
+                values = np.take(values, lookup)
+                lookup = None
             values = gaussian_blur(values, np.interp(sigma, (0, 1), self.blur_sigma))  # uniform
         if solarize < solarize_prob:  # invert above 0.5 (128 of 255): that is min(x, 1 - x)
             values = np.minimum(values, 1 - values)
@@ -208,22 +275,6 @@ class MultiCrop:
             pixels = pixels[:, ::-1]
         return torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)[None])
 
-# ===== evaluation preprocessing =====
-def preprocess(image, size=518, mask=False):
-    """The microsoft/rad-dino image processor on one channel: (H, W) -> (1, size, size). It
-    resizes the shorter side to `size`, the longer to int(size * long / short), with Pillow's
-    bicubic on the 8-bit image (on RGB, whose channels are all this one), centre-crops, divides
-    by 255, normalises; 16-bit images are resized as floats in [0, 1] (Pillow mode F). With
-    mask=True, a label mask takes the same geometry, nearest-neighbour: (size, size) bool."""
-    height, width = image.shape
-    new_long = int(size * max(height, width) / min(height, width))  # int(), as transformers
-    image = ((to_unit(image) > 0.5) * 255).astype(np.uint8) if mask else image
-    pil = Image.fromarray(image if image.dtype == np.uint8 else to_unit(image))
-    pil = pil.resize((size, new_long) if width <= height else (new_long, size), Image.NEAREST if mask else Image.BICUBIC)
-    top, left = (pil.height - size) // 2, (pil.width - size) // 2
-    pixels = np.asarray(pil, np.float32)[top:top + size, left:left + size] / (255 if image.dtype == np.uint8 else 1)
-    return pixels > 0.5 if mask else torch.from_numpy((pixels - MEAN) / STD)[None]
-
 # ===== iBOT block masks =====
 class MaskGenerator:
     """BEiT-style block masks on a patch grid, exactly as REFERENCE.md "Masking" states.
@@ -232,13 +283,17 @@ class MaskGenerator:
     only if it adds between 1 and the remaining number of patches, so a mask never exceeds
     its target (it may fall short)."""
     def __init__(self, grid, min_patches=4, max_fraction=0.5, min_aspect=0.3):
-        self.height, self.width = (grid, grid) if isinstance(grid, int) else grid
+        if isinstance(grid, int):
+            grid = (grid, grid)
+        self.height, self.width = grid
         self.n_patches = self.height * self.width
-        self.min_patches, self.max_patches = min_patches, max_fraction * self.n_patches
+        self.min_patches = min_patches
+        self.max_patches = max_fraction * self.n_patches
         self.log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
 
     def __call__(self, n_patches, rng):
-        mask, n_masked = np.zeros((self.height, self.width), dtype=bool), 0
+        mask = np.zeros((self.height, self.width), dtype=bool)
+        n_masked = 0
         while n_masked < n_patches:
             added = self.add_block(mask, min(n_patches - n_masked, self.max_patches), rng)
             if added == 0:
@@ -253,7 +308,8 @@ class MaskGenerator:
             # and then the area falls between the two, as random.uniform lets it in DINOv2.
             area = self.min_patches + (allowed - self.min_patches) * rng.random()
             aspect = math.exp(rng.uniform(*self.log_aspect))
-            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            h = round(math.sqrt(area * aspect))
+            w = round(math.sqrt(area / aspect))
             if h < self.height and w < self.width:  # strictly inside, as in BEiT and DINOv2
                 top = int(rng.integers(0, self.height - h + 1))
                 left = int(rng.integers(0, self.width - w + 1))
@@ -278,7 +334,9 @@ def collate(samples, mask_generator, rng, mask_ratio=(0.1, 0.5), mask_prob=0.5, 
     (2 x B x world_size crops, slot c x B x world_size + j for crop c of global sample j),
     and each rank keeps its own slots. One process with batch 2B then masks every (crop,
     sample) exactly as two ranks with B each do, and on one rank exactly half are masked."""
-    n_global, n_local, batch = len(samples[0]["global"]), len(samples[0]["local"]), len(samples)
+    n_global = len(samples[0]["global"])
+    n_local = len(samples[0]["local"])
+    batch = len(samples)
     n_crops = n_global * batch * world_size
     n_masked = int(n_crops * mask_prob)
     bounds = np.linspace(*mask_ratio, n_masked + 1)
@@ -298,65 +356,143 @@ def collate(samples, mask_generator, rng, mask_ratio=(0.1, 0.5), mask_prob=0.5, 
         "masks": torch.from_numpy(np.stack(masks).reshape(len(masks), -1)),  # (2B, h, w) -> (2B, N)
     }
 
-# ===== the pretraining loader =====
-class PretrainLoader(torch.utils.data.Dataset):
-    """Endless batches for pretraining; batch_size is per rank.
+# ===== the batches of pretraining, and the loader over them =====
 
-    Two things in one: a map-style dataset whose item k is the whole collated batch of step
-    start_step + k on this rank, and (iter()) a DataLoader over it in step order, whose
-    workers each build whole batches. A batch is a pure function of (seed, step, rank,
-    world_size, paths): the epoch is step // steps_per_epoch, its order a seeded permutation;
-    each sample's augmentation is seeded by (seed, epoch, dataset index), the masks by
-    (seed, step). So resuming at a step is exact, the number of workers changes nothing,
-    and the global batch is the same however many ranks share it. Every iter() starts over
-    at start_step. Batches: global, local, masks (see collate), step, n_skipped."""
-    def __init__(self, paths, multicrop, mask_generator, batch_size, seed=0, rank=0, world_size=1, start_step=0,
-                 num_workers=0, on_bad_file="error", pin_memory=False, mask_ratio=(0.1, 0.5), mask_prob=0.5):
+
+def epoch_order(sources, seed, epoch):
+    """The (source, image) pairs drawn in one epoch, shuffled: a pure function of (seed,
+    epoch). Source s gives round(weight x its size) draws: a seeded permutation of its
+    images, repeated as often as needed, so that no image is drawn twice before every image
+    of its source has been drawn once."""
+    draws = []
+    for s, source in enumerate(sources):
+        n = len(source["paths"])
+        count = max(1, round(source["weight"] * n))
+        rng = np.random.default_rng([seed, _PERMUTATION, epoch, s])
+        order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(count / n))])
+        draws += [(s, int(i)) for i in order[:count]]
+    shuffle = np.random.default_rng([seed, _PERMUTATION, epoch]).permutation(len(draws))
+    return [draws[i] for i in shuffle]
+
+
+class PretrainBatches(torch.utils.data.Dataset):
+    """The batches of pretraining, as a map-style dataset: item k is the collated batch of
+    step start_step + k on this rank (batch_size images per rank).
+
+    A batch is a pure function of (seed, step, rank, world_size, sources): the epoch is
+    step // steps_per_epoch, its order epoch_order(); each sample's augmentation is seeded
+    by (seed, epoch, source, image), the masks by (seed, step). So resuming at a step is
+    exact, the number of loader workers changes nothing, and the global batch is the same
+    however many ranks share it.
+
+    Items: global, local, masks (see collate), step, and skipped: the files skipped per
+    source. A file that fails to load either stops the run (on_bad_file="error": the item
+    carries the error, raised by iterate() in the main process with one clear message) or is
+    replaced by a seeded draw from the same source ("skip")."""
+
+    def __init__(self, sources, multicrop, mask_generator, batch_size, seed=0, rank=0,
+                 world_size=1, start_step=0, on_bad_file="error", mask_ratio=(0.1, 0.5),
+                 mask_prob=0.5):
         if on_bad_file not in ("error", "skip"):
             raise ValueError(f"on_bad_file must be 'error' or 'skip', not {on_bad_file!r}")
-        self.__dict__.update({k: v for k, v in locals().items() if k != "self"})  # all kept
-        self.paths, self.loader = list(paths), None
-        self.steps_per_epoch = len(self.paths) // (batch_size * world_size)  # tail dropped
+        self.sources = sources
+        self.multicrop = multicrop
+        self.mask_generator = mask_generator
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start_step = start_step
+        self.on_bad_file = on_bad_file
+        self.mask_ratio = mask_ratio
+        self.mask_prob = mask_prob
+        self.cached_epoch = None
+        self.cached_order = None
+        draws_per_epoch = len(epoch_order(sources, seed, 0))
+        global_batch = batch_size * world_size
+        self.steps_per_epoch = draws_per_epoch // global_batch  # the tail is dropped
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(self.paths)} images cannot fill one global batch of {batch_size} x {world_size} ranks")
+            raise ValueError(f"{draws_per_epoch} images cannot fill one global batch of "
+                             f"{batch_size} x {world_size} ranks")
 
-    def sample_indices(self, step):
-        """Dataset indices of this rank's samples at `step`, before any bad-file swap."""
-        epoch, position = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng([self.seed, _PERMUTATION, epoch]).permutation(len(self.paths))
+    def __len__(self):
+        return sys.maxsize  # endless: the training loop decides when to stop
+
+    def sample_draws(self, step):
+        """(source, image) pairs of this rank's samples at `step`, before any bad-file swap."""
+        epoch = step // self.steps_per_epoch
+        position = step % self.steps_per_epoch
+        if self.cached_epoch != epoch:  # one shuffle per epoch, not per step
+            self.cached_order = epoch_order(self.sources, self.seed, epoch)
+            self.cached_epoch = epoch
+        order = self.cached_order
         first = (position * self.world_size + self.rank) * self.batch_size  # the global slot
-        return order[first:first + self.batch_size].tolist()
+        return order[first:first + self.batch_size]
 
-    def load_sample(self, index, epoch):
-        """(crops, files skipped) for paths[index]. With on_bad_file="skip", a file that
-        fails to load is replaced by one drawn from (seed, epoch, index, attempt)."""
-        rng = np.random.default_rng([self.seed, _AUGMENT, epoch, index])
+    def load_sample(self, source, index, epoch):
+        """(crops, files skipped) for image `index` of `source`."""
+        paths = self.sources[source]["paths"]
+        rng = np.random.default_rng([self.seed, _AUGMENT, epoch, source, index])
         for attempt in range(1, 101):
             try:
-                return self.multicrop(load_image(self.paths[index]), rng), attempt - 1
+                return self.multicrop(load_image(paths[index]), rng), attempt - 1
             except ImageError:
                 if self.on_bad_file == "error":
                     raise
-                rng = np.random.default_rng([self.seed, _REPLACE, epoch, index, attempt])
-                index = int(rng.integers(len(self.paths)))
-        raise RuntimeError(f"100 files in a row failed to load; is {self.paths[0]} there?")
+                rng = np.random.default_rng([self.seed, _REPLACE, epoch, source, index, attempt])
+                index = int(rng.integers(len(paths)))
+        raise RuntimeError(f"100 files in a row failed to load from {self.sources[source]['name']}")
 
     def __getitem__(self, k):
         step = self.start_step + k
         epoch = step // self.steps_per_epoch
-        loaded = [self.load_sample(index, epoch) for index in self.sample_indices(step)]
-        batch = collate([crops for crops, _ in loaded], self.mask_generator,
-                        np.random.default_rng([self.seed, _MASKS, step]), self.mask_ratio,
+        skipped = [0] * len(self.sources)
+        samples = []
+        try:
+            for source, index in self.sample_draws(step):
+                crops, n_skipped = self.load_sample(source, index, epoch)
+                samples.append(crops)
+                skipped[source] += n_skipped
+        except ImageError as error:
+            # Raised here, a worker's error reaches the main process wrapped in its
+            # traceback; as data, iterate() can raise it as it was.
+            return {"step": step, "error": str(error)}
+        masks_rng = np.random.default_rng([self.seed, _MASKS, step])
+        batch = collate(samples, self.mask_generator, masks_rng, self.mask_ratio,
                         self.mask_prob, self.rank, self.world_size)
-        return {**batch, "step": step, "n_skipped": sum(skipped for _, skipped in loaded)}
+        return {**batch, "step": step, "skipped": skipped}
 
-    def __iter__(self):
-        if self.loader is None:  # batch_size=None: items already are batches; k = 0, 1, ...
-            self.loader = torch.utils.data.DataLoader(  # its own generator: starting it leaves torch's RNG alone
-                self, batch_size=None, sampler=range(sys.maxsize), num_workers=self.num_workers,
-                persistent_workers=self.num_workers > 0, pin_memory=self.pin_memory,
-                prefetch_factor=2 if self.num_workers else None, generator=torch.Generator())
-        return iter(self.loader)
 
-    def __getstate__(self):  # workers get the dataset, not the loader that runs them
-        return {**self.__dict__, "loader": None}
+def iterate(batches, num_workers=0, pin_memory=False):
+    """The batches in step order, built by num_workers processes (each builds whole batches)."""
+    loader = torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,  # the items already are batches
+        sampler=range(sys.maxsize),
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=2 if num_workers else None,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator(),  # its own: starting the loader leaves torch's RNG alone
+    )
+    for batch in loader:
+        if "error" in batch:
+            raise ImageError(batch["error"])
+        yield batch
+
+# ===== evaluation preprocessing =====
+def preprocess(image, size=518, mask=False):
+    """The microsoft/rad-dino image processor on one channel: (H, W) -> (1, size, size). It
+    resizes the shorter side to `size`, the longer to int(size * long / short), with Pillow's
+    bicubic on the 8-bit image (on RGB, whose channels are all this one), centre-crops, divides
+    by 255, normalises; 16-bit images are resized as floats in [0, 1] (Pillow mode F). With
+    mask=True, a label mask takes the same geometry, nearest-neighbour: (size, size) bool."""
+    height, width = image.shape
+    new_long = int(size * max(height, width) / min(height, width))  # int(), as transformers
+    image = ((to_unit(image) > 0.5) * 255).astype(np.uint8) if mask else image
+    pil = Image.fromarray(image if image.dtype == np.uint8 else to_unit(image))
+    pil = pil.resize((size, new_long) if width <= height else (new_long, size), Image.NEAREST if mask else Image.BICUBIC)
+    top = (pil.height - size) // 2
+    left = (pil.width - size) // 2
+    pixels = np.asarray(pil, np.float32)[top:top + size, left:left + size] / (255 if image.dtype == np.uint8 else 1)
+    return pixels > 0.5 if mask else torch.from_numpy((pixels - MEAN) / STD)[None]

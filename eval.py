@@ -30,6 +30,7 @@ from PIL import Image
 import data
 import phantoms
 import raddino
+import weights
 
 TASKS = ("linear", "knn", "seg", "age", "sex", "pca")
 SPLITS = ("train", "val", "test")
@@ -126,7 +127,7 @@ def load_model(spec):
     if spec.startswith("random:"):
         torch.manual_seed(0)
         return raddino.build_vit(spec.split(":", 1)[1], in_chans=1, patch_size=14).eval()
-    return raddino.load_backbone(spec, in_chans=1)
+    return weights.load_backbone(spec, in_chans=1)
 
 
 def cache_key(spec, table, size):

@@ -316,42 +316,48 @@ def test_collate_masks_do_not_depend_on_the_rank_split():
 
 # ===== the loader =====
 
-def loader(paths, **kwargs):
+def batches(paths, num_workers=0, **kwargs):
+    """An iterator over the pretraining batches of one source."""
+    return data.iterate(dataset(paths, **kwargs), num_workers=num_workers)
+
+
+def dataset(paths, **kwargs):
     settings = {"batch_size": 4, "seed": 11, **kwargs}
-    return data.PretrainLoader(paths, data.MultiCrop(**SMALL), data.MaskGenerator(4), **settings)
+    sources = [{"name": "test", "paths": paths, "weight": 1.0}]
+    return data.PretrainBatches(sources, data.MultiCrop(**SMALL), data.MaskGenerator(4), **settings)
 
 
 def test_sharding_covers_every_sample_once_per_epoch(phantom_set):
     paths = data.image_paths(phantom_set)  # 24 images, 2 ranks x 4: 3 steps an epoch
-    ranks = [loader(paths, rank=r, world_size=2) for r in range(2)]
+    ranks = [dataset(paths, rank=r, world_size=2) for r in range(2)]
     assert ranks[0].steps_per_epoch == 3
     for epoch in range(2):
         seen = [i for step in range(3 * epoch, 3 * epoch + 3) for b in ranks
-                for i in b.sample_indices(step)]
+                for _, i in b.sample_draws(step)]
         assert sorted(seen) == list(range(24))
-    assert ranks[0].sample_indices(0) != ranks[0].sample_indices(3)  # reshuffled per epoch
+    assert ranks[0].sample_draws(0) != ranks[0].sample_draws(3)  # reshuffled per epoch
     with pytest.raises(ValueError, match="24 images cannot fill"):
-        loader(paths, batch_size=13, world_size=2)
+        dataset(paths, batch_size=13, world_size=2)
 
 
 def test_two_ranks_make_the_same_global_batch_as_one(phantom_set):
     paths = data.image_paths(phantom_set)
-    one = next(iter(loader(paths, batch_size=4, start_step=2)))
-    two = [next(iter(loader(paths, batch_size=2, rank=r, world_size=2, start_step=2)))
+    one = next(batches(paths, batch_size=4, start_step=2))
+    two = [next(batches(paths, batch_size=2, rank=r, world_size=2, start_step=2))
            for r in range(2)]
     for key, per_crop in (("global", 2), ("local", 2), ("masks", 2)):
         for c in range(per_crop):  # crop c of rank r's samples = crop c of samples 2r, 2r+1
             joined = torch.cat([two[r][key][2 * c:2 * c + 2] for r in range(2)])
             assert torch.equal(joined, one[key][4 * c:4 * c + 4]), key
-    assert one["step"] == 2 and one["n_skipped"] == 0
+    assert one["step"] == 2 and one["skipped"] == [0]
 
 
 def test_resume_and_workers_give_the_same_batches(phantom_set):
     paths = data.image_paths(phantom_set)
-    through = iter(loader(paths))
+    through = batches(paths)
     for _ in range(4):
         expected = next(through)
-    resumed = next(iter(loader(paths, start_step=3, num_workers=2)))
+    resumed = next(batches(paths, start_step=3, num_workers=2))
     assert expected["step"] == resumed["step"] == 3
     for key in ("global", "local", "masks"):
         assert torch.equal(expected[key], resumed[key])
@@ -361,10 +367,13 @@ def test_bad_files_are_skipped_or_raised(phantom_set, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (tmp_path / "empty.png").write_bytes(b"")
     paths = data.image_paths(phantom_set)[:6] + [tmp_path / "broken.png", tmp_path / "empty.png"]
-    skipping = iter(loader(paths, on_bad_file="skip"))  # 8 paths, batch 4: 2 steps an epoch
-    batches = [next(skipping) for _ in range(2)]
-    assert all(b["global"].shape == (8, 1, 32, 32) for b in batches)
-    assert sum(b["n_skipped"] for b in batches) >= 2  # both bad files, once each at least
-    raising = iter(loader(paths, on_bad_file="error"))
-    with pytest.raises(data.ImageError, match="broken.png|empty.png"):
-        next(raising), next(raising)  # the two bad files fall somewhere in these two batches
+    skipping = batches(paths, on_bad_file="skip")  # 8 paths, batch 4: 2 steps an epoch
+    skipped = [next(skipping) for _ in range(2)]
+    assert all(b["global"].shape == (8, 1, 32, 32) for b in skipped)
+    assert sum(b["skipped"][0] for b in skipped) >= 2  # both bad files, once each at least
+    for workers in (0, 2):  # from a worker process too, the error is the file's own message
+        raising = batches(paths, on_bad_file="error", num_workers=workers)
+        with pytest.raises(data.ImageError) as error:
+            for _ in range(2):  # the two bad files fall somewhere in these two batches
+                next(raising)
+        assert str(error.value).startswith(str(tmp_path)) and "\n" not in str(error.value)

@@ -12,58 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import raddino
+import weights
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# ----- slow twins -----
-
-def cross_entropy_slow(teacher_row, student_row, student_temp):
-    """-sum_k t_k log softmax(s / T)_k for one sample, in float64 with a hand-written softmax."""
-    s = [float(v) / student_temp for v in student_row]
-    log_z = max(s) + math.log(sum(math.exp(v - max(s)) for v in s))
-    return -sum(float(t) * (v - log_z) for t, v in zip(teacher_row, s))
-
-
-def dino_loss_slow(student_logits, teacher_probs, student_temp=0.1):
-    total = 0.0
-    for s in student_logits:  # every student crop ...
-        for t in teacher_probs:  # ... against every teacher crop ...
-            total += sum(cross_entropy_slow(t[b], s[b], student_temp) for b in range(len(s))) / len(s)  # ... batch mean
-    return total
-
-
-def ibot_loss_slow(student_masked_logits, teacher_masked_probs, masks, student_temp=0.1):
-    total, token = 0.0, 0
-    for image in range(masks.shape[0]):  # tokens come image by image, patch by patch
-        n_masked = int(masks[image].sum())
-        for patch in range(masks.shape[1]):
-            if masks[image, patch]:
-                total += cross_entropy_slow(teacher_masked_probs[token], student_masked_logits[token], student_temp) / n_masked
-                token += 1
-    return total / masks.shape[0]
-
-
-def koleo_slow(x):
-    x = [row / row.norm() for row in x.double()]
-    total = 0.0
-    for i, xi in enumerate(x):
-        nearest = max((j for j in range(len(x)) if j != i), key=lambda j: float(xi @ x[j]))
-        total += -math.log(float((xi - x[nearest] + 1e-8).norm()) + 1e-8)
-    return total / len(x)
-
-
-def sinkhorn_slow(logits, temp, n_iterations):
-    """Alternate row / column normalisation on an explicit K x B table of float64s."""
-    B, K = logits.shape
-    Q = [[math.exp(float(logits[b, k]) / temp) for b in range(B)] for k in range(K)]
-    total = sum(map(sum, Q))
-    Q = [[q / total for q in row] for row in Q]
-    for _ in range(n_iterations):
-        Q = [[q / sum(row) / K for q in row] for row in Q]  # every prototype gets mass 1/K
-        columns = [sum(Q[k][b] for k in range(K)) for b in range(B)]
-        Q = [[Q[k][b] / columns[b] / B for b in range(B)] for k in range(K)]  # every sample gets 1/B
-    return torch.tensor([[Q[k][b] * B for k in range(K)] for b in range(B)])
 
 
 def softmax_rows(x):
@@ -76,7 +27,7 @@ def test_dino_loss_equals_its_slow_twin():
     g = torch.Generator().manual_seed(0)
     students = [torch.randn(4, 9, generator=g) for _ in range(3)]
     teachers = [softmax_rows(torch.randn(4, 9, generator=g) / 0.3) for _ in range(2)]
-    assert float(raddino.dino_loss(students, teachers)) == pytest.approx(dino_loss_slow(students, teachers), rel=1e-6)
+    assert float(raddino.dino_loss(students, teachers)) == pytest.approx(raddino.dino_loss_reference(students, teachers), rel=1e-6)
 
 
 def test_cross_entropy_against_a_uniform_teacher_is_log_k():
@@ -94,12 +45,12 @@ def test_ibot_loss_equals_its_slow_twin():
     M = int(masks.sum())
     student, teacher = torch.randn(M, 7, generator=g), softmax_rows(torch.randn(M, 7, generator=g))
     assert float(raddino.ibot_loss(student, teacher, masks)) == pytest.approx(
-        ibot_loss_slow(student, teacher, masks), rel=1e-6)
+        raddino.ibot_loss_reference(student, teacher, masks), rel=1e-6)
 
 
 def test_koleo_equals_its_slow_twin_and_survives_duplicates_and_bf16():
     x = torch.randn(10, 16, generator=torch.Generator().manual_seed(2))
-    assert float(raddino.koleo_loss(x)) == pytest.approx(koleo_slow(x), rel=1e-6)
+    assert float(raddino.koleo_loss(x)) == pytest.approx(raddino.koleo_loss_reference(x), rel=1e-6)
     duplicated = torch.cat([x[:5], x[:5]])
     assert torch.isfinite(raddino.koleo_loss(duplicated))
     near = (x[:1] + 1e-4 * x[1:]).bfloat16()  # rows bf16 cannot tell apart
@@ -110,7 +61,7 @@ def test_koleo_equals_its_slow_twin_and_survives_duplicates_and_bf16():
 def test_sinkhorn_knopp_equals_its_slow_twin_and_normalises():
     logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
     Q = raddino.sinkhorn_knopp(logits, teacher_temp=0.5)
-    torch.testing.assert_close(Q, sinkhorn_slow(logits, 0.5, 3).float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(Q, raddino.sinkhorn_knopp_reference(logits, 0.5, 3).float(), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(Q.sum(dim=1), torch.ones(6))  # each sample: a distribution
     # With enough iterations every prototype carries B / K of the mass.
     Q = raddino.sinkhorn_knopp(logits, teacher_temp=0.5, n_iterations=200)
@@ -150,7 +101,7 @@ def test_dino_head_is_weight_normalised_with_dinov2_names():
 
 def make_step(centering="centering", separate_ibot_head=False, koleo_weight=0.1, seed=0):
     torch.manual_seed(seed)
-    backbone = raddino.ViT(img_size=56, patch_size=14, in_chans=1, embed_dim=32, depth=2, num_heads=2, layerscale=0.5)
+    backbone = raddino.ViT(img_size=56, patch_size=14, in_chans=1, embed_dim=32, depth=2, num_heads=2, layerscale_init=0.5)
     return raddino.StudentTeacher(backbone, out_dim=24, hidden_dim=16, bottleneck_dim=8, centering=centering,
                                   separate_ibot_head=separate_ibot_head, koleo_weight=koleo_weight)
 
@@ -171,7 +122,7 @@ def test_step_equals_a_per_image_slow_twin(centering, separate_ibot_head):
     B, n_local = 3, 2
     global_crops, local_crops, masks = make_batch(B, n_local)
     with torch.no_grad():
-        out = step(global_crops, local_crops, masks, teacher_temp=0.07)
+        out, _ = step(global_crops, local_crops, masks, teacher_temp=0.07)
     S, T = step.student, step.teacher
     ibot_head = lambda m: m["ibot_head"] if separate_ibot_head else m["dino_head"]  # noqa: E731
     teacher_cls, teacher_patches, student_cls, student_patches, student_local, backbone_cls = {}, {}, {}, {}, {}, {}
@@ -205,7 +156,7 @@ def test_step_equals_a_per_image_slow_twin(centering, separate_ibot_head):
             patch_target[k] = Q[start:start + len(teacher_patches[k])]
             start += len(teacher_patches[k])
 
-    ce = lambda t, s: cross_entropy_slow(t, s, 0.1)  # noqa: E731
+    ce = lambda t, s: raddino.cross_entropy_reference(t, s, 0.1)  # noqa: E731
     n_terms = 2 * n_local + 2
     local = sum(ce(target[c, b], student_local[l, b]) / B for l in range(n_local) for c in range(2) for b in range(B))
     # Each student global crop meets the teacher's *other* global crop.
@@ -213,7 +164,7 @@ def test_step_equals_a_per_image_slow_twin(centering, separate_ibot_head):
     ibot = sum(ce(patch_target[c, b][j], student_patches[c, b][j]) / len(student_patches[c, b])
                for c in range(2) for b in range(B) for j in range(len(student_patches[c, b]))) / (2 * B)
     # KoLeo within each global crop's batch of (pre-head) CLS embeddings.
-    koleo = sum(koleo_slow(torch.stack([backbone_cls[c, b] for b in range(B)])) for c in range(2))
+    koleo = sum(raddino.koleo_loss_reference(torch.stack([backbone_cls[c, b] for b in range(B)])) for c in range(2))
     assert float(out["dino_local"]) == pytest.approx(local / n_terms, rel=1e-5)
     assert float(out["dino_global"]) == pytest.approx(glob / n_terms, rel=1e-5)
     assert float(out["ibot"]) == pytest.approx(ibot, rel=1e-5)
@@ -224,7 +175,7 @@ def test_step_equals_a_per_image_slow_twin(centering, separate_ibot_head):
 
 def test_gradients_reach_the_student_only():
     step = make_step()
-    out = step(*make_batch(), teacher_temp=0.04)
+    out, _ = step(*make_batch(), teacher_temp=0.04)
     out["loss"].backward()
     assert all(p.grad is None and not p.requires_grad for p in step.teacher.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in step.student.parameters())
@@ -258,12 +209,12 @@ def test_pretrained_head_loads_into_student_and_teacher(tmp_path):
     step = make_step()
     head = raddino.DINOHead(32, out_dim=24, hidden_dim=16, bottleneck_dim=8)
     torch.save({"dino_head." + k: v for k, v in head.state_dict().items()}, tmp_path / "head.pth")
-    step.load_pretrained(tmp_path / "head.pth")
+    weights.load_head(step, tmp_path / "head.pth")
     for module in (step.student.dino_head, step.teacher.dino_head):
         assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), head.state_dict().values()))
     torch.save({"mlp.0.weight": torch.zeros(3)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="bad.pth"):
-        step.load_pretrained(tmp_path / "bad.pth")
+        weights.load_head(step, tmp_path / "bad.pth")
 
 
 def test_two_processes_give_the_targets_of_one(tmp_path):

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
 import phantoms
 import raddino
+import weights
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -76,8 +76,8 @@ def test_a_short_run_end_to_end(phantom_set, tmp_path):
     state = student_state(out)
     assert state["config"]["optim.base_lr"] == 1.0 and state["step"] == 3
     # The export is the teacher backbone, readable like any Hugging Face folder.
-    exported = raddino.load_backbone(out / "export", in_chans=1)
-    teacher = raddino.load_backbone(sorted(out.glob("checkpoint_*.pt"))[-1])
+    exported = weights.load_backbone(out / "export", in_chans=1)
+    teacher = weights.load_backbone(sorted(out.glob("checkpoint_*.pt"))[-1])
     x = torch.randn(2, 1, 56, 56)
     torch.testing.assert_close(exported(x), teacher(x), atol=2e-5, rtol=1e-5)
     assert "python eval.py --backbone" in log
@@ -107,12 +107,18 @@ def test_schedules_and_parameter_groups(phantom_set, tmp_path):
     assert by_name["backbone.norm.weight"]["lr_mult"] == 1.0 and by_name["dino_head.mlp.0.weight"]["lr_mult"] == 1.0
     for token in ("pos_embed", "cls_token", "mask_token"):
         assert by_name[f"backbone.{token}"]["lr_mult"] == pytest.approx(0.9 ** (depth + 1))
-        assert by_name[f"backbone.{token}"]["decay"]
-    assert by_name["backbone.patch_embed.proj.weight"]["lr_mult"] == pytest.approx(0.2 * 0.9 ** (depth + 1))
+        assert by_name[f"backbone.{token}"]["wd_mult"] == 1.0
+    # x0.2 as in DINOv2, x3 for the one-channel kernel (see raddino.param_groups).
+    patch_kernel = by_name["backbone.patch_embed.proj.weight"]
+    assert patch_kernel["lr_mult"] == pytest.approx(3 * 0.2 * 0.9 ** (depth + 1))
+    assert patch_kernel["wd_mult"] == pytest.approx(1 / 3)
+    assert by_name["backbone.patch_embed.proj.bias"]["lr_mult"] == pytest.approx(0.2 * 0.9 ** (depth + 1))
     no_decay = ["backbone.blocks.3.attn.qkv.bias", "backbone.blocks.3.norm1.weight", "backbone.blocks.3.ls1.gamma",
                 "backbone.norm.bias", "dino_head.mlp.0.bias"]
-    assert not any(by_name[n]["decay"] for n in no_decay)
-    assert by_name["dino_head.last_layer.weight_v"]["decay"] and by_name["backbone.blocks.3.mlp.fc2.weight"]["decay"]
+    assert not any(by_name[n]["wd_mult"] for n in no_decay)
+    assert by_name["dino_head.last_layer.weight_v"]["wd_mult"] == 1.0
+    assert by_name["backbone.blocks.3.mlp.fc2.weight"]["wd_mult"] == 1.0
+    assert by_name["backbone.blocks.3.mlp.fc2.weight"]["weight_decay"] == pytest.approx(records[-1]["wd"])
     assert len(by_name) == sum(1 for _ in raddino.build_vit("vit_tiny").parameters()) + 8  # + the head's tensors
     # Prototypes frozen (lr 0) while everything else moves.
     assert by_name["dino_head.last_layer.weight_g"]["lr"] == 0.0 and by_name["dino_head.mlp.0.weight"]["lr"] > 0
@@ -173,7 +179,7 @@ def test_init_backbone_starts_student_and_teacher_from_weights(phantom_set, tmp_
                    "momentum.start=1.0", "momentum.end=1.0"))
     state = student_state(out)
     assert state["backbone_args"]["img_size"] == 112 and state["backbone_args"]["in_chans"] == 1
-    folded = raddino.fold_channels(source.state_dict()["patch_embed.proj.weight"], 1)
+    folded = weights.fold_channels(source.state_dict()["patch_embed.proj.weight"], 1)
     for prefix in ("student.backbone.", "teacher.backbone."):  # lr 0 and momentum 1: one step changes no weight
         assert torch.equal(state["model"][prefix + "patch_embed.proj.weight"], folded)
         assert torch.equal(state["model"][prefix + "blocks.5.mlp.fc1.weight"], source.blocks[5].mlp.fc1.weight)
