@@ -388,7 +388,12 @@ def hf_config(args, channels):
 def preprocessor_config(image_size, mean=RAD_DINO_MEAN, std=RAD_DINO_STD):
     """preprocessor_config.json of microsoft/rad-dino's BitImageProcessor, at image_size: to
     RGB, shorter side to image_size (bicubic), centre crop, x / 255, one mean and std on
-    every channel. data.preprocess is the same on one channel."""
+    every channel. data.preprocess is the same on one channel, to the last bit with Pillow.
+
+    transformers 5 reads image_processor_type as a family and picks the backend itself:
+    BitImageProcessorPil (Pillow, as rad-dino was made) without torchvision, BitImageProcessor
+    (torchvision, another bicubic) with it; no field in this file can choose, so a user who has
+    torchvision and wants Pillow's pixels passes backend="pil" to AutoImageProcessor."""
     return dict(
         image_processor_type="BitImageProcessor",
         do_convert_rgb=True,

@@ -1,17 +1,26 @@
 """weights.py: safetensors against malformed files and the safetensors library, DINOv2 and
 Hugging Face names, one-channel folding, load_backbone on every supported file, save_hf
-against transformers."""
+against transformers: AutoModel, AutoImageProcessor and pipeline() on real X-rays, and on a
+fresh train.py run's export."""
 
 import json
 import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
+import data
+import phantoms
 import raddino
 import weights
-from test_model import tiny
+from test_model import randomise, tiny
+from test_train import tiny_run, train
+
+COVID = Path(__file__).parents[1] / ".." / "shared" / "data" / "covid-cxr"
+needs_covid = pytest.mark.skipif(not (COVID / "labels.csv").is_file(), reason="no covid-cxr")
 
 
 # ----- one channel -----
@@ -171,3 +180,125 @@ def test_load_backbone_reads_training_checkpoints(tmp_path):
     assert "backbone.blocks.0.1.attn.qkv.weight" in chunked and "backbone.blocks.0.0.ls2.gamma" in chunked
     torch.save({"teacher": chunked}, tmp_path / "chunked.pth")
     assert torch.equal(weights.load_backbone(tmp_path / "chunked.pth", num_heads=4)(x), student.eval()(x))
+
+
+# ----- the export, as a rad-dino user loads it -----
+
+
+def covid_images(size):
+    """Four real X-rays: landscape and portrait, each with an even and an odd number of rows
+    (or columns) for the centre crop to drop at `size`, where an off-by-one would show."""
+    shapes = {}
+    for path in sorted((COVID / "images").glob("*.png")):
+        with Image.open(path) as image:
+            short, long = sorted(image.size)
+            shapes.setdefault((image.width < image.height, int(size * long / short) % 2), path)
+    assert len(shapes) == 4
+    return list(shapes.values())
+
+
+def transformers_flows(folder):
+    """What microsoft/rad-dino's model card does, on our folder: (processor, model, pipeline).
+    With torchvision installed transformers 5 picks the torchvision backend, whose bicubic is
+    not Pillow's; backend="pil" then asks for the processor rad-dino was made with."""
+    transformers = pytest.importorskip("transformers")
+    pillow = {"backend": "pil"} if transformers.utils.is_torchvision_available() else {}
+    processor = transformers.AutoImageProcessor.from_pretrained(folder, **pillow)
+    model = transformers.AutoModel.from_pretrained(folder).eval()
+    extract = transformers.pipeline(task="image-feature-extraction", model=str(folder), pool=False,
+                                    image_processor=processor if pillow else None)
+    return processor, model, extract
+
+
+def our_tokens(model, path, size):
+    """data.preprocess + our ViT on one channel -> (1, 1 + R + N, D), laid out as transformers'
+    last_hidden_state: [CLS, registers, patches]."""
+    x = data.preprocess(data.load_image(path), size)[None]  # (1, 1, size, size)
+    with torch.no_grad():
+        out = model.forward_features(x)
+    return x, torch.cat([out["cls"][:, None], out["reg"], out["patch"]], 1)
+
+
+# Tolerances. Pixels: equal, since Pillow's bicubic resizes each channel of the 8-bit RGB
+# copy exactly as it resizes the one gray channel, and both sides then compute (x / 255 - mean)
+# / std in float32 (measured difference 0). Tokens: float32 rounding only (measured <= 2.3e-6
+# on tokens of size ~2): our folded kernel sums 1 channel where transformers sums 3, and the
+# attention kernels differ. A wrong mean, std, resample or crop moves tokens by > 1e-2.
+PIXEL_ATOL = 1e-6
+TOKEN_ATOL = 1e-5
+
+
+@needs_covid
+@pytest.mark.parametrize("registers", [0, 4])
+def test_the_export_works_in_transformers_as_rad_dino_does(tmp_path, registers):
+    """AutoImageProcessor + AutoModel and pipeline("image-feature-extraction") on the
+    folder save_hf writes give our features on real X-rays, with no extra step. At the stored
+    grid size, so neither side interpolates position embeddings (transformers has no 0.1
+    offset: see test_hf_export_round_trips_and_matches_transformers)."""
+    size = 112  # an 8 x 8 grid of 14-px patches
+    ours = randomise(raddino.ViT(img_size=size, patch_size=14, embed_dim=64, depth=2, num_heads=2,
+                                 in_chans=1, num_register_tokens=registers)).eval()
+    folder = weights.save_hf(ours, tmp_path / "export")
+    processor, model, extract = transformers_flows(folder)
+    assert type(processor).__name__ in ("BitImageProcessorPil", "BitImageProcessor")  # rad-dino's
+    for path in covid_images(size):
+        x, expected = our_tokens(ours, path, size)
+        with Image.open(path) as image:
+            pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+        # The processor makes the 3 equal channels the exported 3-channel kernel expects.
+        torch.testing.assert_close(pixels, x.expand(-1, 3, -1, -1), atol=PIXEL_ATOL, rtol=0)
+        with torch.no_grad():
+            hidden = model(pixel_values=pixels).last_hidden_state
+        torch.testing.assert_close(hidden, expected, atol=TOKEN_ATOL, rtol=0)
+        # pipeline(pool=False) returns nested lists: [image][token][channel].
+        piped = torch.tensor(extract(str(path)))
+        torch.testing.assert_close(piped, expected, atol=TOKEN_ATOL, rtol=0)
+
+
+def test_a_folder_from_before_the_processor_config_and_card_still_loads(tmp_path):
+    """Exports written before save_hf wrote preprocessor_config.json and README.md hold
+    config.json + model.safetensors only; load_backbone never needed more."""
+    model = tiny()
+    folder = weights.save_hf(model, tmp_path / "old", card="a card")
+    (folder / "preprocessor_config.json").unlink()
+    (folder / "README.md").unlink()
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    x = torch.randn(2, 3, 56, 56)
+    assert torch.equal(weights.load_backbone(folder)(x), model(x))
+
+
+def test_save_hf_writes_the_model_card_only_when_given(tmp_path):
+    card = "---\nlibrary_name: transformers\n---\n# A test encoder\n"
+    with_card = weights.save_hf(tiny(), tmp_path / "card", card=card)
+    assert (with_card / "README.md").read_text() == card
+    without = weights.save_hf(tiny(), tmp_path / "plain")
+    assert sorted(p.name for p in without.iterdir()) == [
+        "config.json", "model.safetensors", "preprocessor_config.json"]
+    processor = json.loads((without / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"shortest_edge": 56}
+    assert processor["crop_size"] == {"height": 56, "width": 56}
+
+
+@needs_covid
+def test_a_training_runs_export_has_its_card_and_works_in_transformers(tmp_path):
+    """End to end: a fresh train.py run's export describes itself (model card, config) and
+    gives our features in transformers' pipeline on a real X-ray."""
+    phantom_set = tmp_path / "phantoms"
+    phantoms.make_phantoms(phantom_set, n=24, size=64, seed=0)
+    out = tmp_path / "run"
+    train(tiny_run(phantom_set, out, "train.steps=2", "train.save_every=2"))
+    export = out / "export"
+    card = (export / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers")
+    assert "ViT, patch 14, width 192, 12 blocks" in card  # vit_tiny
+    assert "2 steps of 4 images" in card
+    assert f"`{phantom_set}`: " in card and "images, weight 1" in card
+    assert "Research use only: not a medical device" in card
+    assert (export / "training_config.yaml").is_file()
+    ours = weights.load_backbone(export, in_chans=1)
+    size = ours.args["img_size"]
+    assert size == 56  # crops.global_size: the export's stored grid, and its processor's size
+    _, _, extract = transformers_flows(export)
+    path = covid_images(size)[0]
+    _, expected = our_tokens(ours, path, size)
+    torch.testing.assert_close(torch.tensor(extract(str(path))), expected, atol=TOKEN_ATOL, rtol=0)
