@@ -169,8 +169,7 @@ def train_step(args):
     model = raddino.StudentTeacher(backbone, out_dim=args.out_dim, hidden_dim=args.hidden_dim,
                                    bottleneck_dim=args.bottleneck_dim).to(device)
     if args.compile if args.compile is not None else cuda:
-        for module in (*model.student.values(), *model.teacher.values()):
-            module.compile()
+        model.compile_networks()
     optimizer = torch.optim.AdamW(model.student.parameters(), lr=1e-4, fused=cuda)
     B, grid = args.batch, args.global_size // 14
     global_crops = torch.randn(2 * B, 1, args.global_size, args.global_size, device=device)

@@ -631,6 +631,17 @@ class StudentTeacher(nn.Module):
         diagnostics = {"student_cls": student_global["cls"].detach(), "teacher_probs": dino_targets}
         return losses, diagnostics
 
+    def compile_networks(self, **options):
+        """torch.compile each network in place (state-dict names unchanged), before DDP wraps
+        the model. compile() wraps __call__, which is why forward() calls the backbones
+        through it and not through forward_features."""
+        # Drop-path rates are Python floats that never change: compile them in as constants.
+        # Left as graph inputs (torch's default), they break DDP's graph splitting under
+        # torchrun ("'float' object has no attribute 'meta'", torch 2.13).
+        torch._dynamo.config.specialize_float = True
+        for network in (*self.student.values(), *self.teacher.values()):
+            network.compile(**options)
+
     @torch.no_grad()
     def update_teacher(self, momentum):
         """EMA over all parameters: teacher <- m * teacher + (1 - m) * student."""

@@ -217,10 +217,7 @@ n_params = sum(p.numel() for p in model.student.backbone.parameters())
 log(f"student backbone: {n_params / 1e6:.1f}M parameters, {backbone.args['depth']} blocks, "
     f"width {backbone.embed_dim}")
 if compile_networks:
-    # In place, so state-dict names do not change, and before DDP wraps the model. The step
-    # calls each network through __call__, which is what compile() wraps.
-    for network in (*model.student.values(), *model.teacher.values()):
-        network.compile()
+    model.compile_networks()
 # From here on each rank draws from its own stream, as DINOv2 seeds with seed + rank: drop
 # path must not mask the same samples on every GPU. (Crops and masks have their own seeded
 # streams in data.py.)

@@ -75,6 +75,8 @@ def test_a_short_run_end_to_end(phantom_set, tmp_path):
     assert (out / "loss.png").stat().st_size > 0 and (out / "config.yaml").exists()
     state = student_state(out)
     assert state["config"]["optim.base_lr"] == 1.0 and state["step"] == 3
+    # From scratch, the stored position grid is the global crop's (DINOv2 builds it so).
+    assert state["backbone_args"]["img_size"] == 56
     # The export is the teacher backbone, readable like any Hugging Face folder.
     exported = weights.load_backbone(out / "export", in_chans=1)
     teacher = weights.load_backbone(sorted(out.glob("checkpoint_*.pt"))[-1])
@@ -155,6 +157,31 @@ def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_pat
     one, two = student_state(tmp_path / "one"), student_state(tmp_path / "two")
     for key in one["model"]:
         torch.testing.assert_close(one["model"][key], two["model"][key], atol=1e-5, rtol=1e-5, msg=key)
+    # Each rank draws drop path from its own stream (seed + rank), as DINOv2 does.
+    assert not torch.equal(two["rng"][0]["cpu"], two["rng"][1]["cpu"])
+
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+
+
+def test_two_ranks_compiled_in_bf16_on_the_cpu(phantom_set, tmp_path):
+    """The GPU's code path, on the CPU: torchrun, bf16 autocast, torch.compile (inductor).
+    Also: clip_grad=0 means no clipping (with the teacher frozen at momentum 1 and no weight
+    decay, only gradients can move the student), and ibot.out_dim sizes a separate head."""
+    out = tmp_path / "run"
+    result = train(tiny_run(phantom_set, out, "train.steps=2", "compile=true", "precision=bf16",
+                            "optim.clip_grad=0", "optim.weight_decay=0", "optim.weight_decay_end=0",
+                            "optim.warmup_epochs=0", "momentum.start=1.0", "momentum.end=1.0",
+                            "ibot.separate_head=true", "ibot.out_dim=40"), launcher=TORCHRUN)
+    assert "world size 2 | precision bf16 | compile True" in result.stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    model = student_state(out)["model"]
+    assert model["student.ibot_head.last_layer.weight_v"].shape[0] == 40
+    assert model["student.dino_head.last_layer.weight_v"].shape[0] == 64
+    moved = [k for k in model if k.startswith("student.backbone.")
+             and not torch.equal(model[k], model[k.replace("student.", "teacher.", 1)])]
+    assert len(moved) > 100
 
 
 def test_a_non_finite_loss_stops_the_run_without_a_checkpoint(phantom_set, tmp_path):
@@ -183,3 +210,29 @@ def test_init_backbone_starts_student_and_teacher_from_weights(phantom_set, tmp_
     for prefix in ("student.backbone.", "teacher.backbone."):  # lr 0 and momentum 1: one step changes no weight
         assert torch.equal(state["model"][prefix + "patch_embed.proj.weight"], folded)
         assert torch.equal(state["model"][prefix + "blocks.5.mlp.fc1.weight"], source.blocks[5].mlp.fc1.weight)
+
+
+def test_a_bad_image_stops_the_run_with_one_line(phantom_set, tmp_path):
+    """Under data.on_bad_file=error, a file that is not an image ends the run with one line
+    naming it and the fix, also when a loader worker process met it."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted((phantom_set / "images").glob("*.png"))[:7]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "zz-broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = train(tiny_run(phantom_set, tmp_path / "run", f"data.root={folder}", "data.split=",
+                            "data.workers=1", "train.batch_size=8", "train.steps=1"), check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "zz-broken.png" in last_line and "data.on_bad_file=skip" in last_line
+
+
+def test_the_rad_dino_config_needs_the_dinov2_weights(phantom_set, tmp_path):
+    start = time.time()
+    result = train([f"config={ROOT / 'configs' / 'rad-dino.yaml'}", f"data.root={phantom_set}",
+                    f"out_dir={tmp_path / 'run'}"], check=False)
+    assert result.returncode != 0
+    assert "dinov2_vitb14_pretrain.pth" in result.stderr
+    assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth" in result.stderr
+    assert time.time() - start < 60  # at once: before any model is built
