@@ -1,8 +1,9 @@
 """Images in, crops and masks out: everything RAD-DINO pretraining and evaluation read.
 
-In data order: load an image; find images in folders, tables and mixtures of them;
-multi-crop augmentation; iBOT block masks; collate; the batches of pretraining and the
-loader over them; and, for evaluation, the rad-dino image processor on one channel.
+In data order: load an image (PNG, JPEG, BMP, TIFF, or DICOM through the optional pydicom);
+find images in folders, tables and mixtures of them; multi-crop augmentation; iBOT block
+masks; collate; the batches of pretraining and the loader over them; and, for evaluation,
+the rad-dino image processor on one channel.
 
 Augmentation numbers are DINOv2's (facebookresearch/dinov2, dinov2/data/augmentations.py
 and the DINOv2 paper, appendix); block masks are BEiT's (Bao et al. 2022, section 2.5) as
@@ -34,16 +35,21 @@ _PERMUTATION, _AUGMENT, _REPLACE, _MASKS = range(4)
 class ImageError(ValueError):
     """A file that is not a usable image. The message starts with the path."""
 
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
 def load_image(path):
     """One radiograph as an (H, W) array: uint8, or uint16 for 16-bit files (kept: that is
     how many X-ray sets ship). Colour becomes luma (Pillow's ITU-R 601 weights; an X-ray
     stored as RGB has R = G = B). Alpha is dropped, not composited on black: in an exported
     X-ray it is nearly always opaque, and where not, we keep the recorded densities rather
-    than invent a background. 1-bit files load as 0/255."""
+    than invent a background. 1-bit files load as 0/255. DICOM files: see load_dicom."""
     if not Path(path).is_file():  # these two first: Pillow's messages for them say little
         raise ImageError(f"{path}: no such file")
     if Path(path).stat().st_size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
+    if Path(path).suffix.lower() in DICOM_SUFFIXES:
+        return load_dicom(path)
     try:
         with warnings.catch_warnings():
             # Between MAX_IMAGE_PIXELS and twice that, Pillow only warns; refuse both.
@@ -66,6 +72,79 @@ def load_image(path):
     # I;16, I;16B (big-endian), I;16N and in-range I all become native uint16.
     return pixels if pixels.dtype == np.uint8 else pixels.astype(np.uint16)
 
+
+def load_dicom(path):
+    """A DICOM radiograph as it is meant to be seen, (H, W): uint8 if it stores at most 8
+    bits, else uint16. The display chain of DICOM PS3.4 N.2.1 in order: the Modality LUT
+    (Rescale Slope and Intercept), the first VOI LUT or window if the file has one, and
+    MONOCHROME1 inverted, so that dense is white as in every other format. The whole range
+    that chain can output is stretched over 0..255 or 0..65535: nothing is clipped, and a
+    12-bit image keeps its 4096 levels. One single-frame gray image per file; anything else
+    is an ImageError. pydicom is imported here, so only DICOM data sets need it."""
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError:  # not an ImageError: on_bad_file=skip must not skip every file
+        raise ImportError(f"{path}: reading DICOM needs pydicom: pip install pydicom") from None
+    try:  # pydicom 3 moved these from pixel_data_handlers.util to pixels
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    try:
+        dataset = pydicom.dcmread(path)
+    except InvalidDicomError:
+        raise ImageError(f"{path}: not a DICOM file (no 'DICM' after the preamble)") from None
+    except Exception as error:  # like Pillow's, pydicom's errors for broken files vary
+        raise ImageError(f"{path}: truncated or corrupt DICOM ({type(error).__name__}: {error})")
+    # Refuse what is not one gray radiograph before decoding anything.
+    if "PixelData" not in dataset:  # a report, or float or double float pixels
+        raise ImageError(f"{path}: DICOM without (integer) pixel data")
+    photometric = dataset.get("PhotometricInterpretation", "")
+    samples = dataset.get("SamplesPerPixel", 1)
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageError(f"{path}: colour DICOM ({photometric}, {samples} samples per pixel), "
+                         f"not an X-ray")
+    frames = int(dataset.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise ImageError(f"{path}: {frames} frames (a series, not one radiograph)")
+    bits = dataset.get("BitsStored", 0)
+    if not 1 <= bits <= 16:
+        raise ImageError(f"{path}: {bits} bits stored per pixel; radiographs have 1 to 16")
+    try:
+        stored = dataset.pixel_array
+    except Exception as error:
+        reason = " ".join(str(error).split())  # pydicom's messages span several lines
+        syntax = dataset.file_meta.get("TransferSyntaxUID")
+        if syntax is None or not syntax.is_compressed:
+            raise ImageError(f"{path}: truncated or corrupt DICOM pixel data ({reason})")
+        # pydicom decodes these only through optional plugins (its "Pixel Data" guide).
+        if "JPEG 2000" in syntax.name:
+            plugin = "pylibjpeg pylibjpeg-openjpeg"
+        elif "JPEG" in syntax.name:  # JPEG baseline, extended, lossless, and JPEG-LS
+            plugin = "pylibjpeg pylibjpeg-libjpeg"
+        else:
+            plugin = "python-gdcm"
+        raise ImageError(f"{path}: cannot decode its {syntax.name} pixel data ({reason}); "
+                         f"pydicom needs a plugin for it: pip install {plugin}")
+    # The chain is computed once for each value a pixel can store, 2 ** bits of them, and
+    # looked up: cheaper than on every pixel, and it gives the exact output range.
+    signed = dataset.get("PixelRepresentation", 0) == 1
+    lowest = -(2 ** (bits - 1)) if signed else 0
+    levels = np.arange(lowest, lowest + 2 ** bits)
+    values = apply_modality_lut(levels, dataset)  # float64 when it rescales
+    if np.array_equal(values, np.round(values)):  # a VOI LUT is indexed by whole numbers
+        values = values.astype(np.int64)
+    values = apply_voi_lut(values, dataset).astype(np.float64)
+    if photometric == "MONOCHROME1":  # its lowest value is white
+        values = -values
+    white = 255 if bits <= 8 else 65535
+    span = values.max() - values.min()
+    table = np.round((values - values.min()) * (white / span if span > 0 else 0))
+    table = table.astype(np.uint8 if bits <= 8 else np.uint16)
+    # Clipped, because a few writers leave garbage in the bits above BitsStored.
+    index = np.clip(stored.astype(np.int32), lowest, lowest + 2 ** bits - 1) - lowest
+    return table[index]
+
 def to_unit(image):
     """uint8 or uint16 pixels -> float32 in [0, 1], scaled by the dtype's white level."""
     return image.astype(np.float32) / np.iinfo(image.dtype).max
@@ -73,7 +152,7 @@ def to_unit(image):
 # ===== data sets: folders and tables =====
 def list_images(root):
     """Every image file under root, recursively, sorted so that the order is reproducible."""
-    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES}
     return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in suffixes)
 
 def read_table(path, split=None, require=()):

@@ -5,6 +5,7 @@ CPU only and fast: small phantoms, small crops. The real-data tests read
 """
 import io
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -88,6 +89,147 @@ def test_bad_files_raise_image_error_naming_the_file(tmp_path, monkeypatch):
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
         with pytest.raises(data.ImageError, match="bomb.png: too many pixels"):
             data.load_image(bomb)
+
+# ===== DICOM =====
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, syntax=None,
+                **elements):
+    """A minimal DICOM file of an (H, W) uint8, uint16 or int16 array, written by pydicom."""
+    pydicom = pytest.importorskip("pydicom")
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = syntax or pydicom.uid.ExplicitVRLittleEndian
+    dataset = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    dataset.Rows = pixels.shape[0]
+    dataset.Columns = pixels.shape[1]
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = photometric
+    dataset.BitsAllocated = pixels.itemsize * 8
+    dataset.BitsStored = bits_stored or pixels.itemsize * 8
+    dataset.HighBit = dataset.BitsStored - 1
+    dataset.PixelRepresentation = int(pixels.dtype.kind == "i")
+    dataset.PixelData = pixels.tobytes()
+    for key, value in elements.items():
+        setattr(dataset, key, value)
+    if syntax is not None:  # a compressed syntax: the bytes must be encapsulated
+        dataset.PixelData = pydicom.encaps.encapsulate([b"not really compressed" * 4])
+        dataset["PixelData"].VR = "OB"
+    try:
+        dataset.save_as(path, enforce_file_format=True)
+    except TypeError:  # pydicom 2.x: another keyword, and the encoding spelled out
+        dataset.is_little_endian = True
+        dataset.is_implicit_VR = False
+        dataset.save_as(path, write_like_original=False)
+    return path
+
+
+def ramp(height=6, width=8, top=4095):
+    """Every stored level from 0 to `top`, row by row, as uint16."""
+    return np.linspace(0, top, height * width).round().astype(np.uint16).reshape(height, width)
+
+
+def test_dicom_rescale_keeps_twelve_bits_over_the_whole_range(tmp_path):
+    pixels = ramp()
+    loaded = data.load_image(write_dicom(tmp_path / "a.dcm", pixels, bits_stored=12,
+                                         RescaleSlope=2, RescaleIntercept=-100))
+    # A rising line maps 0..4095 onto 0..65535 whatever its slope and intercept.
+    assert loaded.dtype == np.uint16
+    assert loaded.tolist() == np.round(pixels * (65535 / 4095)).astype(np.uint16).tolist()
+    deep = ramp(top=65535)
+    assert data.load_image(write_dicom(tmp_path / "b.dicom", deep)).tolist() == deep.tolist()
+    # A falling one (slope -1) turns it over: proof that the rescale is applied at all.
+    falling = data.load_image(write_dicom(tmp_path / "c.dcm", pixels, bits_stored=12,
+                                          RescaleSlope=-1, RescaleIntercept=0))
+    assert (falling.astype(int) + loaded == 65535).all()
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    pixels = ramp()
+    normal = data.load_image(write_dicom(tmp_path / "two.dcm", pixels, bits_stored=12))
+    inverted = data.load_image(write_dicom(tmp_path / "one.dcm", pixels, "MONOCHROME1",
+                                           bits_stored=12))
+    assert (np.diff(inverted.ravel().astype(int)) < 0).all()  # the ramp now falls
+    assert (inverted.astype(int) + normal == 65535).all()
+
+
+def test_dicom_window_is_applied_in_rescaled_units(tmp_path):
+    pixels = ramp(16, 16, top=1000)
+    center = 300
+    width = 401
+    path = write_dicom(tmp_path / "w.dcm", pixels, bits_stored=12, RescaleSlope=2,
+                       RescaleIntercept=-100, WindowCenter=center, WindowWidth=width)
+    loaded = data.load_image(path)
+    # DICOM PS3.3 C.11.2.1.2.1, the LINEAR window, on the rescaled values, written out:
+    rescaled = pixels * 2.0 - 100
+    expected = ((rescaled - (center - 0.5)) / (width - 1) + 0.5).clip(0, 1) * 65535
+    assert loaded.dtype == np.uint16 and np.abs(loaded - expected).max() <= 1
+    assert loaded.min() == 0 and loaded.max() == 65535  # the window's whole range is used
+
+
+def test_dicom_eight_bit_stays_eight_bit(tmp_path):
+    pixels = ramp(top=255).astype(np.uint8)
+    loaded = data.load_image(write_dicom(tmp_path / "a.dcm", pixels))
+    assert loaded.dtype == np.uint8 and loaded.tolist() == pixels.tolist()
+    seven = pixels // 2  # 7 bits stored in 8: stretched over 0..255 like 12 bits over 16
+    loaded = data.load_image(write_dicom(tmp_path / "b.dcm", seven, bits_stored=7))
+    assert loaded.dtype == np.uint8 and loaded.tolist() == np.round(seven / 127 * 255).tolist()
+
+
+def test_dicom_that_is_no_radiograph_is_refused(tmp_path):
+    pixels = ramp()
+    without = write_dicom(tmp_path / "report.dcm", pixels)
+    pydicom = pytest.importorskip("pydicom")
+    dataset = pydicom.dcmread(without)
+    del dataset.PixelData
+    dataset.save_as(without)
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    write_dicom(tmp_path / "rgb.dcm", rgb.reshape(4, 15), "RGB", Columns=5, SamplesPerPixel=3,
+                PlanarConfiguration=0)
+    write_dicom(tmp_path / "cine.dcm", ramp(12, 8), Rows=6, NumberOfFrames=2)
+    (tmp_path / "text.dcm").write_text("a DICOM in name only")
+    causes = {"report.dcm": "without (integer) pixel data", "rgb.dcm": "colour DICOM (RGB, 3",
+              "cine.dcm": "2 frames", "text.dcm": "not a DICOM file"}
+    for name, cause in causes.items():
+        with pytest.raises(data.ImageError, match=re.escape(cause)) as error:
+            data.load_image(tmp_path / name)
+        assert str(error.value).startswith(str(tmp_path / name))
+
+
+def test_dicom_compressed_without_a_decoder_names_the_syntax_and_the_plugin(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    syntaxes = {pydicom.uid.JPEG2000Lossless: ("JPEG 2000", "pylibjpeg-openjpeg"),
+                pydicom.uid.JPEGLSLossless: ("JPEG-LS", "pylibjpeg-libjpeg")}
+    for syntax, (name, plugin) in syntaxes.items():
+        path = write_dicom(tmp_path / "c.dcm", ramp(), syntax=syntax)
+        with pytest.raises(data.ImageError) as error:
+            data.load_image(path)
+        message = str(error.value)
+        assert name in message and f"pip install pylibjpeg {plugin}" in message
+        assert message.startswith(str(path)) and "\n" not in message
+
+
+def test_dicom_without_pydicom_says_how_to_install_it(tmp_path, monkeypatch):
+    (tmp_path / "a.dcm").write_bytes(b"\0" * 128 + b"DICM")  # never opened: no pydicom
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # `import pydicom` now fails
+    with pytest.raises(ImportError, match="a.dcm: reading DICOM needs pydicom: pip install pydicom"):
+        data.load_image(tmp_path / "a.dcm")
+
+
+def test_dicom_flows_through_crops_preprocess_and_batches(tmp_path):
+    pixels = (ramp(64, 64, top=4095).T // 2 + 1000).astype(np.uint16)  # columns rise
+    for k in range(4):
+        write_dicom(tmp_path / f"{k}.dcm", pixels, bits_stored=12)
+    paths = data.image_paths(tmp_path)
+    assert [p.name for p in paths] == ["0.dcm", "1.dcm", "2.dcm", "3.dcm"]
+    image = data.load_image(paths[0])
+    assert image.dtype == np.uint16 and (image % 257 != 0).any()  # more than 8 bits' levels
+    crops = data.MultiCrop(**SMALL)(image, np.random.default_rng(0))
+    assert all(torch.isfinite(c).all() for c in crops["global"] + crops["local"])
+    row = data.preprocess(image, size=64)[0, 32].numpy() * data.STD + data.MEAN
+    assert np.allclose(row, image[32] / 65535, atol=2e-3)  # 64 -> 64: the values, unchanged
+    batch = next(batches(paths, batch_size=4))
+    assert batch["global"].shape == (8, 1, 32, 32) and batch["skipped"] == [0]
 
 # ===== tables =====
 
