@@ -26,8 +26,10 @@ MEAN = 0.5307
 STD = 0.2583
 
 # Every random number here comes from np.random.default_rng([seed, STREAM, ...]): a batch is
-# then a pure function of its coordinates, and no two purposes ever share a stream.
-_PERMUTATION, _AUGMENT, _REPLACE, _MASKS = range(4)
+# then a pure function of its coordinates, and no two purposes ever share a stream. Each
+# purpose keeps a fixed number of coordinates, because SeedSequence pads short lists with
+# zeros: [seed, 0, 5] and [seed, 0, 5, 0] are the same stream.
+_PERMUTATION, _AUGMENT, _REPLACE, _MASKS, _SHUFFLE = range(5)
 
 # ===== loading an image =====
 
@@ -211,15 +213,19 @@ def read_sources(spec, split=None):
     for entry in entries:
         if not isinstance(entry, dict):
             entry = {"root": entry}
-        unknown = set(entry) - {"root", "split", "weight"}
-        if unknown or "root" not in entry:
-            raise ValueError(f"a source is a path or {{root, split, weight}}, got {entry!r}")
+        unknown = [str(key) for key in entry if key not in ("root", "split", "weight")]
+        if unknown:
+            raise ValueError(f"unknown key {', '.join(unknown)} in the source {entry!r}: "
+                             f"a source is a path or {{root, split, weight}}")
+        if "root" not in entry:
+            raise ValueError(f"the source {entry!r} has no root: give {{root: path, ...}}")
         root = Path(str(entry["root"]))
         if not root.exists():
             raise ValueError(f"{root}: no such folder or table (a source in data.root)")
         weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ValueError(f"{root}: weight must be a positive number, got {weight!r}")
+        number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        if not number or not 0 < weight < math.inf:  # nan fails both comparisons
+            raise ValueError(f"{root}: weight must be a positive, finite number, got {weight!r}")
         source_split = entry.get("split", split)
         has_table = root.suffix.lower() == ".csv" or (root / "labels.csv").is_file()
         if not has_table and "split" not in entry:
@@ -440,17 +446,21 @@ def collate(samples, mask_generator, rng, mask_ratio=(0.1, 0.5), mask_prob=0.5, 
 
 def epoch_order(sources, seed, epoch):
     """The (source, image) pairs drawn in one epoch, shuffled: a pure function of (seed,
-    epoch). Source s gives round(weight x its size) draws: a seeded permutation of its
-    images, repeated as often as needed, so that no image is drawn twice before every image
-    of its source has been drawn once."""
+    epoch). Source s gives count = round(weight x its size) draws an epoch (at least 1),
+    read in turn off an endless chain of seeded permutations of its images: epoch e takes
+    links e x count to (e + 1) x count - 1. So no image is drawn twice before every image of
+    its source has been drawn once, within an epoch and across epochs: weight 2.5 draws
+    each image 2 or 3 times an epoch, weight 0.5 each image once in two epochs."""
     draws = []
     for s, source in enumerate(sources):
         n = len(source["paths"])
         count = max(1, round(source["weight"] * n))
-        rng = np.random.default_rng([seed, _PERMUTATION, epoch, s])
-        order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(count / n))])
-        draws += [(s, int(i)) for i in order[:count]]
-    shuffle = np.random.default_rng([seed, _PERMUTATION, epoch]).permutation(len(draws))
+        start = epoch * count  # where this epoch starts on the chain
+        cycles = range(start // n, (start + count - 1) // n + 1)  # the permutations it meets
+        chain = [np.random.default_rng([seed, _PERMUTATION, s, c]).permutation(n) for c in cycles]
+        offset = start - cycles[0] * n
+        draws += [(s, int(i)) for i in np.concatenate(chain)[offset:offset + count]]
+    shuffle = np.random.default_rng([seed, _SHUFFLE, epoch]).permutation(len(draws))
     return [draws[i] for i in shuffle]
 
 
@@ -460,9 +470,10 @@ class PretrainBatches(torch.utils.data.Dataset):
 
     A batch is a pure function of (seed, step, rank, world_size, sources): the epoch is
     step // steps_per_epoch, its order epoch_order(); each sample's augmentation is seeded
-    by (seed, epoch, source, image), the masks by (seed, step). So resuming at a step is
-    exact, the number of loader workers changes nothing, and the global batch is the same
-    however many ranks share it.
+    by (seed, epoch, its slot in that order), the masks by (seed, step). So resuming at a
+    step is exact, the number of loader workers changes nothing, the global batch is the
+    same however many ranks share it, and an image drawn twice in an epoch (weight > 1)
+    gets two different sets of crops, not the same ones twice.
 
     Items: global, local, masks (see collate), step, and skipped: the files skipped per
     source. A file that fails to load either stops the run (on_bad_file="error": the item
@@ -497,28 +508,31 @@ class PretrainBatches(torch.utils.data.Dataset):
     def __len__(self):
         return sys.maxsize  # endless: the training loop decides when to stop
 
+    def first_slot(self, step):
+        """The place in its epoch's order of this rank's first sample at `step`."""
+        position = step % self.steps_per_epoch
+        return (position * self.world_size + self.rank) * self.batch_size
+
     def sample_draws(self, step):
         """(source, image) pairs of this rank's samples at `step`, before any bad-file swap."""
         epoch = step // self.steps_per_epoch
-        position = step % self.steps_per_epoch
         if self.cached_epoch != epoch:  # one shuffle per epoch, not per step
             self.cached_order = epoch_order(self.sources, self.seed, epoch)
             self.cached_epoch = epoch
-        order = self.cached_order
-        first = (position * self.world_size + self.rank) * self.batch_size  # the global slot
-        return order[first:first + self.batch_size]
+        first = self.first_slot(step)
+        return self.cached_order[first:first + self.batch_size]
 
-    def load_sample(self, source, index, epoch):
-        """(crops, files skipped) for image `index` of `source`."""
+    def load_sample(self, source, index, epoch, slot):
+        """(crops, files skipped) for image `index` of `source`, drawn at `slot` of `epoch`."""
         paths = self.sources[source]["paths"]
-        rng = np.random.default_rng([self.seed, _AUGMENT, epoch, source, index])
+        rng = np.random.default_rng([self.seed, _AUGMENT, epoch, slot])
         for attempt in range(1, 101):
             try:
                 return self.multicrop(load_image(paths[index]), rng), attempt - 1
             except ImageError:
                 if self.on_bad_file == "error":
                     raise
-                rng = np.random.default_rng([self.seed, _REPLACE, epoch, source, index, attempt])
+                rng = np.random.default_rng([self.seed, _REPLACE, epoch, slot, attempt])
                 index = int(rng.integers(len(paths)))
         raise RuntimeError(f"100 files in a row failed to load from {self.sources[source]['name']}")
 
@@ -527,9 +541,10 @@ class PretrainBatches(torch.utils.data.Dataset):
         epoch = step // self.steps_per_epoch
         skipped = [0] * len(self.sources)
         samples = []
+        draws = self.sample_draws(step)
         try:
-            for source, index in self.sample_draws(step):
-                crops, n_skipped = self.load_sample(source, index, epoch)
+            for slot, (source, index) in enumerate(draws, start=self.first_slot(step)):
+                crops, n_skipped = self.load_sample(source, index, epoch, slot)
                 samples.append(crops)
                 skipped[source] += n_skipped
         except ImageError as error:

@@ -5,7 +5,9 @@ CPU only and fast: small phantoms, small crops. The real-data tests read
 """
 import io
 import math
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -212,7 +214,8 @@ def test_dicom_compressed_without_a_decoder_names_the_syntax_and_the_plugin(tmp_
 def test_dicom_without_pydicom_says_how_to_install_it(tmp_path, monkeypatch):
     (tmp_path / "a.dcm").write_bytes(b"\0" * 128 + b"DICM")  # never opened: no pydicom
     monkeypatch.setitem(sys.modules, "pydicom", None)  # `import pydicom` now fails
-    with pytest.raises(ImportError, match="a.dcm: reading DICOM needs pydicom: pip install pydicom"):
+    message = "a.dcm: reading DICOM needs pydicom: pip install pydicom"
+    with pytest.raises(ImportError, match=message):
         data.load_image(tmp_path / "a.dcm")
 
 
@@ -519,3 +522,125 @@ def test_bad_files_are_skipped_or_raised(phantom_set, tmp_path):
             for _ in range(2):  # the two bad files fall somewhere in these two batches
                 next(raising)
         assert str(error.value).startswith(str(tmp_path)) and "\n" not in str(error.value)
+
+# ===== mixtures of sources =====
+
+def folder(path, n, seed=0):
+    """A new folder of n small gray PNGs, 00.png, 01.png..."""
+    path.mkdir()
+    for k in range(n):
+        Image.fromarray(gray(40, 40, seed + k)).save(path / f"{k:02d}.png")
+    return path
+
+
+def test_read_sources_reads_a_list_and_names_the_bad_source(tmp_path):
+    a = folder(tmp_path / "a", 3)
+    b = folder(tmp_path / "b", 4, seed=10)
+    (b / "labels.csv").write_text("image,split\n00.png,train\n01.png,val\n02.png,val\n")
+    sources = data.read_sources([str(a), {"root": b, "weight": 2, "split": "val"}], "train")
+    assert [s["name"] for s in sources] == [str(a), str(b)]
+    assert [len(s["paths"]) for s in sources] == [3, 2]  # a: every image; b: its val rows
+    assert [s["weight"] for s in sources] == [1.0, 2.0]
+    assert data.read_sources(str(b), "train")[0]["paths"] == [b / "00.png"]  # one, not a list
+    cases = [([str(a), str(tmp_path / "gone")], "gone: no such folder or table"),
+             ([{"root": a, "wieght": 2}], "unknown key wieght in the source"),
+             ([{"weight": 2}], "has no root"),
+             ([], "empty list"),
+             ([{"root": a, "split": "train"}], "no labels.csv")]
+    for weight in (0, -1, "a", True, float("nan"), float("inf")):
+        cases.append(([str(b), {"root": a, "weight": weight}], f"{a}: weight must be a positive"))
+    for spec, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            data.read_sources(spec, "train")
+
+
+def fake_sources(*sizes_and_weights):
+    """Sources of made-up paths (epoch_order never opens them), named A, B, C..."""
+    return [{"name": chr(65 + s), "paths": [f"{chr(65 + s)}{i}" for i in range(n)], "weight": w}
+            for s, (n, w) in enumerate(sizes_and_weights)]
+
+
+def test_draws_per_epoch_follow_the_weights():
+    sources = fake_sources((10, 1.0), (4, 2.5), (6, 0.5))
+    orders = [data.epoch_order(sources, seed=5, epoch=e) for e in range(2)]
+    for order in orders:
+        drawn = [[i for s, i in order if s == source] for source in range(3)]
+        assert [len(d) for d in drawn] == [10, 10, 3]  # round(weight x images)
+        assert sorted(drawn[0]) == list(range(10))  # weight 1: every image exactly once
+        assert sorted(drawn[1].count(i) for i in range(4)) == [2, 2, 3, 3]  # 2.5: 2 or 3 times
+        assert [s for s, _ in order] != sorted(s for s, _ in order)  # the sources are mixed
+    # The epochs continue one chain of permutations, so over two epochs weight 0.5 draws
+    # each of its images once, and 2.5 each of its images 5 times.
+    both = orders[0] + orders[1]
+    assert sorted(i for s, i in both if s == 2) == list(range(6))
+    assert [[i for s, i in both if s == 1].count(i) for i in range(4)] == [5] * 4
+    assert orders[0] == data.epoch_order(sources, seed=5, epoch=0)  # a pure function
+    assert orders[0] != data.epoch_order(sources, seed=6, epoch=0)
+
+
+def mixture(tmp_path, **kwargs):
+    """The batches of two folders, 6 images of weight 1 and 3 of weight 2: 12 draws an epoch."""
+    if not (tmp_path / "a").exists():
+        folder(tmp_path / "a", 6)
+        folder(tmp_path / "b", 3, seed=10)
+    sources = data.read_sources([tmp_path / "a", {"root": tmp_path / "b", "weight": 2}])
+    settings = {"batch_size": 4, "seed": 3, **kwargs}
+    return data.PretrainBatches(sources, data.MultiCrop(**SMALL), data.MaskGenerator(4), **settings)
+
+
+def same(one, other):
+    return all(torch.equal(one[key], other[key]) for key in ("global", "local", "masks"))
+
+
+def test_mixture_batches_are_a_pure_function_of_seed_step_and_rank(tmp_path):
+    first = mixture(tmp_path)
+    second = mixture(tmp_path)  # built apart, in another order of calls
+    assert first.steps_per_epoch == 3
+    later = [second[k] for k in (4, 1)]
+    assert same(first[1], later[1]) and same(first[4], later[0])
+    assert same(first[4], mixture(tmp_path, start_step=4)[0])  # resume
+    assert not same(first[4], mixture(tmp_path, seed=4)[4])
+    halves = [mixture(tmp_path, batch_size=2, rank=r, world_size=2)[4] for r in range(2)]
+    whole = first[4]
+    for c in range(2):  # crop c of rank r = crop c of global samples 2r, 2r + 1
+        joined = torch.cat([halves[r]["global"][2 * c:2 * c + 2] for r in range(2)])
+        assert torch.equal(joined, whole["global"][4 * c:4 * c + 4])
+
+
+def test_an_image_drawn_twice_in_an_epoch_gets_other_crops(tmp_path):
+    batches = mixture(tmp_path, batch_size=12)  # the whole epoch in one batch
+    draws = batches.sample_draws(0)
+    batch = batches[0]
+    twice = [(i, j) for i in range(12) for j in range(i + 1, 12) if draws[i] == draws[j]]
+    assert len(twice) == 3  # each image of b, drawn twice
+    for i, j in twice:  # rows 0..11 are every sample's first global crop
+        assert not torch.equal(batch["global"][i], batch["global"][j])
+
+
+def test_skipped_files_are_counted_for_their_own_source(tmp_path):
+    good = folder(tmp_path / "good", 4)
+    bad = folder(tmp_path / "bad", 2)
+    (bad / "02.png").write_bytes(b"")
+    (bad / "03.png").write_bytes(b"\x89PNG broken")
+    sources = data.read_sources([good, bad])
+    batches = data.PretrainBatches(sources, data.MultiCrop(**SMALL), data.MaskGenerator(4),
+                                   batch_size=4, on_bad_file="skip")
+    skipped = [batches[k]["skipped"] for k in range(2)]  # one epoch: every file once
+    assert sum(counts[0] for counts in skipped) == 0
+    assert sum(counts[1] for counts in skipped) >= 2  # both broken files, once each at least
+
+
+def test_train_py_takes_a_list_of_sources(tmp_path):
+    a = folder(tmp_path / "a", 6)
+    b = folder(tmp_path / "b", 3, seed=10)
+    root = Path(__file__).parents[1]
+    args = [f"out_dir={tmp_path / 'run'}", f"data.root=[{a}, {{root: {b}, weight: 2.5}}]",
+            "data.workers=0", "model.arch=vit_tiny", "crops.global_size=28",
+            "crops.local_size=14", "crops.n_local=2", "train.batch_size=4", "head.out_dim=16",
+            "head.hidden_dim=16", "head.bottleneck_dim=8", "compile=false", "train.steps=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(root / "train.py"), *args], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"data: 6 images, weight 1, from {a}\n" in result.stdout
+    assert f"data: 3 images, weight 2.5, from {b}\n" in result.stdout
