@@ -1,8 +1,9 @@
 """Images in, crops and masks out: everything RAD-DINO pretraining and evaluation read.
 
-In data order: load an image; find images in folders, tables and mixtures of them;
-multi-crop augmentation; iBOT block masks; collate; the batches of pretraining and the
-loader over them; and, for evaluation, the rad-dino image processor on one channel.
+In data order: load an image (PNG, JPEG, BMP, TIFF, or DICOM through the optional pydicom);
+find images in folders, tables and mixtures of them; multi-crop augmentation; iBOT block
+masks; collate; the batches of pretraining and the loader over them; and, for evaluation,
+the rad-dino image processor on one channel.
 
 Augmentation numbers are DINOv2's (facebookresearch/dinov2, dinov2/data/augmentations.py
 and the DINOv2 paper, appendix); block masks are BEiT's (Bao et al. 2022, section 2.5) as
@@ -25,8 +26,10 @@ MEAN = 0.5307
 STD = 0.2583
 
 # Every random number here comes from np.random.default_rng([seed, STREAM, ...]): a batch is
-# then a pure function of its coordinates, and no two purposes ever share a stream.
-_PERMUTATION, _AUGMENT, _REPLACE, _MASKS = range(4)
+# then a pure function of its coordinates, and no two purposes ever share a stream. Each
+# purpose keeps a fixed number of coordinates, because SeedSequence pads short lists with
+# zeros: [seed, 0, 5] and [seed, 0, 5, 0] are the same stream.
+_PERMUTATION, _AUGMENT, _REPLACE, _MASKS, _SHUFFLE = range(5)
 
 # ===== loading an image =====
 
@@ -34,16 +37,21 @@ _PERMUTATION, _AUGMENT, _REPLACE, _MASKS = range(4)
 class ImageError(ValueError):
     """A file that is not a usable image. The message starts with the path."""
 
+DICOM_SUFFIXES = (".dcm", ".dicom")
+
+
 def load_image(path):
     """One radiograph as an (H, W) array: uint8, or uint16 for 16-bit files (kept: that is
     how many X-ray sets ship). Colour becomes luma (Pillow's ITU-R 601 weights; an X-ray
     stored as RGB has R = G = B). Alpha is dropped, not composited on black: in an exported
     X-ray it is nearly always opaque, and where not, we keep the recorded densities rather
-    than invent a background. 1-bit files load as 0/255."""
+    than invent a background. 1-bit files load as 0/255. DICOM files: see load_dicom."""
     if not Path(path).is_file():  # these two first: Pillow's messages for them say little
         raise ImageError(f"{path}: no such file")
     if Path(path).stat().st_size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
+    if Path(path).suffix.lower() in DICOM_SUFFIXES:
+        return load_dicom(path)
     try:
         with warnings.catch_warnings():
             # Between MAX_IMAGE_PIXELS and twice that, Pillow only warns; refuse both.
@@ -66,6 +74,79 @@ def load_image(path):
     # I;16, I;16B (big-endian), I;16N and in-range I all become native uint16.
     return pixels if pixels.dtype == np.uint8 else pixels.astype(np.uint16)
 
+
+def load_dicom(path):
+    """A DICOM radiograph as it is meant to be seen, (H, W): uint8 if it stores at most 8
+    bits, else uint16. The display chain of DICOM PS3.4 N.2.1 in order: the Modality LUT
+    (Rescale Slope and Intercept), the first VOI LUT or window if the file has one, and
+    MONOCHROME1 inverted, so that dense is white as in every other format. The whole range
+    that chain can output is stretched over 0..255 or 0..65535: nothing is clipped, and a
+    12-bit image keeps its 4096 levels. One single-frame gray image per file; anything else
+    is an ImageError. pydicom is imported here, so only DICOM data sets need it."""
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError:  # not an ImageError: on_bad_file=skip must not skip every file
+        raise ImportError(f"{path}: reading DICOM needs pydicom: pip install pydicom") from None
+    try:  # pydicom 3 moved these from pixel_data_handlers.util to pixels
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
+    try:
+        dataset = pydicom.dcmread(path)
+    except InvalidDicomError:
+        raise ImageError(f"{path}: not a DICOM file (no 'DICM' after the preamble)") from None
+    except Exception as error:  # like Pillow's, pydicom's errors for broken files vary
+        raise ImageError(f"{path}: truncated or corrupt DICOM ({type(error).__name__}: {error})")
+    # Refuse what is not one gray radiograph before decoding anything.
+    if "PixelData" not in dataset:  # a report, or float or double float pixels
+        raise ImageError(f"{path}: DICOM without (integer) pixel data")
+    photometric = dataset.get("PhotometricInterpretation", "")
+    samples = dataset.get("SamplesPerPixel", 1)
+    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise ImageError(f"{path}: colour DICOM ({photometric}, {samples} samples per pixel), "
+                         f"not an X-ray")
+    frames = int(dataset.get("NumberOfFrames") or 1)
+    if frames > 1:
+        raise ImageError(f"{path}: {frames} frames (a series, not one radiograph)")
+    bits = dataset.get("BitsStored", 0)
+    if not 1 <= bits <= 16:
+        raise ImageError(f"{path}: {bits} bits stored per pixel; radiographs have 1 to 16")
+    try:
+        stored = dataset.pixel_array
+    except Exception as error:
+        reason = " ".join(str(error).split())  # pydicom's messages span several lines
+        syntax = dataset.file_meta.get("TransferSyntaxUID")
+        if syntax is None or not syntax.is_compressed:
+            raise ImageError(f"{path}: truncated or corrupt DICOM pixel data ({reason})")
+        # pydicom decodes these only through optional plugins (its "Pixel Data" guide).
+        if "JPEG 2000" in syntax.name:
+            plugin = "pylibjpeg pylibjpeg-openjpeg"
+        elif "JPEG" in syntax.name:  # JPEG baseline, extended, lossless, and JPEG-LS
+            plugin = "pylibjpeg pylibjpeg-libjpeg"
+        else:
+            plugin = "python-gdcm"
+        raise ImageError(f"{path}: cannot decode its {syntax.name} pixel data ({reason}); "
+                         f"pydicom needs a plugin for it: pip install {plugin}")
+    # The chain is computed once for each value a pixel can store, 2 ** bits of them, and
+    # looked up: cheaper than on every pixel, and it gives the exact output range.
+    signed = dataset.get("PixelRepresentation", 0) == 1
+    lowest = -(2 ** (bits - 1)) if signed else 0
+    levels = np.arange(lowest, lowest + 2 ** bits)
+    values = apply_modality_lut(levels, dataset)  # float64 when it rescales
+    if np.array_equal(values, np.round(values)):  # a VOI LUT is indexed by whole numbers
+        values = values.astype(np.int64)
+    values = apply_voi_lut(values, dataset).astype(np.float64)
+    if photometric == "MONOCHROME1":  # its lowest value is white
+        values = -values
+    white = 255 if bits <= 8 else 65535
+    span = values.max() - values.min()
+    table = np.round((values - values.min()) * (white / span if span > 0 else 0))
+    table = table.astype(np.uint8 if bits <= 8 else np.uint16)
+    # Clipped, because a few writers leave garbage in the bits above BitsStored.
+    index = np.clip(stored.astype(np.int32), lowest, lowest + 2 ** bits - 1) - lowest
+    return table[index]
+
 def to_unit(image):
     """uint8 or uint16 pixels -> float32 in [0, 1], scaled by the dtype's white level."""
     return image.astype(np.float32) / np.iinfo(image.dtype).max
@@ -73,7 +154,7 @@ def to_unit(image):
 # ===== data sets: folders and tables =====
 def list_images(root):
     """Every image file under root, recursively, sorted so that the order is reproducible."""
-    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES}
     return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in suffixes)
 
 def read_table(path, split=None, require=()):
@@ -132,15 +213,19 @@ def read_sources(spec, split=None):
     for entry in entries:
         if not isinstance(entry, dict):
             entry = {"root": entry}
-        unknown = set(entry) - {"root", "split", "weight"}
-        if unknown or "root" not in entry:
-            raise ValueError(f"a source is a path or {{root, split, weight}}, got {entry!r}")
+        unknown = [str(key) for key in entry if key not in ("root", "split", "weight")]
+        if unknown:
+            raise ValueError(f"unknown key {', '.join(unknown)} in the source {entry!r}: "
+                             f"a source is a path or {{root, split, weight}}")
+        if "root" not in entry:
+            raise ValueError(f"the source {entry!r} has no root: give {{root: path, ...}}")
         root = Path(str(entry["root"]))
         if not root.exists():
             raise ValueError(f"{root}: no such folder or table (a source in data.root)")
         weight = entry.get("weight", 1.0)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ValueError(f"{root}: weight must be a positive number, got {weight!r}")
+        number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        if not number or not 0 < weight < math.inf:  # nan fails both comparisons
+            raise ValueError(f"{root}: weight must be a positive, finite number, got {weight!r}")
         source_split = entry.get("split", split)
         has_table = root.suffix.lower() == ".csv" or (root / "labels.csv").is_file()
         if not has_table and "split" not in entry:
@@ -361,17 +446,21 @@ def collate(samples, mask_generator, rng, mask_ratio=(0.1, 0.5), mask_prob=0.5, 
 
 def epoch_order(sources, seed, epoch):
     """The (source, image) pairs drawn in one epoch, shuffled: a pure function of (seed,
-    epoch). Source s gives round(weight x its size) draws: a seeded permutation of its
-    images, repeated as often as needed, so that no image is drawn twice before every image
-    of its source has been drawn once."""
+    epoch). Source s gives count = round(weight x its size) draws an epoch (at least 1),
+    read in turn off an endless chain of seeded permutations of its images: epoch e takes
+    links e x count to (e + 1) x count - 1. So no image is drawn twice before every image of
+    its source has been drawn once, within an epoch and across epochs: weight 2.5 draws
+    each image 2 or 3 times an epoch, weight 0.5 each image once in two epochs."""
     draws = []
     for s, source in enumerate(sources):
         n = len(source["paths"])
         count = max(1, round(source["weight"] * n))
-        rng = np.random.default_rng([seed, _PERMUTATION, epoch, s])
-        order = np.concatenate([rng.permutation(n) for _ in range(math.ceil(count / n))])
-        draws += [(s, int(i)) for i in order[:count]]
-    shuffle = np.random.default_rng([seed, _PERMUTATION, epoch]).permutation(len(draws))
+        start = epoch * count  # where this epoch starts on the chain
+        cycles = range(start // n, (start + count - 1) // n + 1)  # the permutations it meets
+        chain = [np.random.default_rng([seed, _PERMUTATION, s, c]).permutation(n) for c in cycles]
+        offset = start - cycles[0] * n
+        draws += [(s, int(i)) for i in np.concatenate(chain)[offset:offset + count]]
+    shuffle = np.random.default_rng([seed, _SHUFFLE, epoch]).permutation(len(draws))
     return [draws[i] for i in shuffle]
 
 
@@ -381,9 +470,10 @@ class PretrainBatches(torch.utils.data.Dataset):
 
     A batch is a pure function of (seed, step, rank, world_size, sources): the epoch is
     step // steps_per_epoch, its order epoch_order(); each sample's augmentation is seeded
-    by (seed, epoch, source, image), the masks by (seed, step). So resuming at a step is
-    exact, the number of loader workers changes nothing, and the global batch is the same
-    however many ranks share it.
+    by (seed, epoch, its slot in that order), the masks by (seed, step). So resuming at a
+    step is exact, the number of loader workers changes nothing, the global batch is the
+    same however many ranks share it, and an image drawn twice in an epoch (weight > 1)
+    gets two different sets of crops, not the same ones twice.
 
     Items: global, local, masks (see collate), step, and skipped: the files skipped per
     source. A file that fails to load either stops the run (on_bad_file="error": the item
@@ -418,28 +508,31 @@ class PretrainBatches(torch.utils.data.Dataset):
     def __len__(self):
         return sys.maxsize  # endless: the training loop decides when to stop
 
+    def first_slot(self, step):
+        """The place in its epoch's order of this rank's first sample at `step`."""
+        position = step % self.steps_per_epoch
+        return (position * self.world_size + self.rank) * self.batch_size
+
     def sample_draws(self, step):
         """(source, image) pairs of this rank's samples at `step`, before any bad-file swap."""
         epoch = step // self.steps_per_epoch
-        position = step % self.steps_per_epoch
         if self.cached_epoch != epoch:  # one shuffle per epoch, not per step
             self.cached_order = epoch_order(self.sources, self.seed, epoch)
             self.cached_epoch = epoch
-        order = self.cached_order
-        first = (position * self.world_size + self.rank) * self.batch_size  # the global slot
-        return order[first:first + self.batch_size]
+        first = self.first_slot(step)
+        return self.cached_order[first:first + self.batch_size]
 
-    def load_sample(self, source, index, epoch):
-        """(crops, files skipped) for image `index` of `source`."""
+    def load_sample(self, source, index, epoch, slot):
+        """(crops, files skipped) for image `index` of `source`, drawn at `slot` of `epoch`."""
         paths = self.sources[source]["paths"]
-        rng = np.random.default_rng([self.seed, _AUGMENT, epoch, source, index])
+        rng = np.random.default_rng([self.seed, _AUGMENT, epoch, slot])
         for attempt in range(1, 101):
             try:
                 return self.multicrop(load_image(paths[index]), rng), attempt - 1
             except ImageError:
                 if self.on_bad_file == "error":
                     raise
-                rng = np.random.default_rng([self.seed, _REPLACE, epoch, source, index, attempt])
+                rng = np.random.default_rng([self.seed, _REPLACE, epoch, slot, attempt])
                 index = int(rng.integers(len(paths)))
         raise RuntimeError(f"100 files in a row failed to load from {self.sources[source]['name']}")
 
@@ -448,9 +541,10 @@ class PretrainBatches(torch.utils.data.Dataset):
         epoch = step // self.steps_per_epoch
         skipped = [0] * len(self.sources)
         samples = []
+        draws = self.sample_draws(step)
         try:
-            for source, index in self.sample_draws(step):
-                crops, n_skipped = self.load_sample(source, index, epoch)
+            for slot, (source, index) in enumerate(draws, start=self.first_slot(step)):
+                crops, n_skipped = self.load_sample(source, index, epoch, slot)
                 samples.append(crops)
                 skipped[source] += n_skipped
         except ImageError as error:

@@ -5,6 +5,9 @@ CPU only and fast: small phantoms, small crops. The real-data tests read
 """
 import io
 import math
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,6 +91,148 @@ def test_bad_files_raise_image_error_naming_the_file(tmp_path, monkeypatch):
         monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
         with pytest.raises(data.ImageError, match="bomb.png: too many pixels"):
             data.load_image(bomb)
+
+# ===== DICOM =====
+
+def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, syntax=None,
+                **elements):
+    """A minimal DICOM file of an (H, W) uint8, uint16 or int16 array, written by pydicom."""
+    pydicom = pytest.importorskip("pydicom")
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    meta.TransferSyntaxUID = syntax or pydicom.uid.ExplicitVRLittleEndian
+    dataset = pydicom.dataset.FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    dataset.Rows = pixels.shape[0]
+    dataset.Columns = pixels.shape[1]
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = photometric
+    dataset.BitsAllocated = pixels.itemsize * 8
+    dataset.BitsStored = bits_stored or pixels.itemsize * 8
+    dataset.HighBit = dataset.BitsStored - 1
+    dataset.PixelRepresentation = int(pixels.dtype.kind == "i")
+    dataset.PixelData = pixels.tobytes()
+    for key, value in elements.items():
+        setattr(dataset, key, value)
+    if syntax is not None:  # a compressed syntax: the bytes must be encapsulated
+        dataset.PixelData = pydicom.encaps.encapsulate([b"not really compressed" * 4])
+        dataset["PixelData"].VR = "OB"
+    try:
+        dataset.save_as(path, enforce_file_format=True)
+    except TypeError:  # pydicom 2.x: another keyword, and the encoding spelled out
+        dataset.is_little_endian = True
+        dataset.is_implicit_VR = False
+        dataset.save_as(path, write_like_original=False)
+    return path
+
+
+def ramp(height=6, width=8, top=4095):
+    """Every stored level from 0 to `top`, row by row, as uint16."""
+    return np.linspace(0, top, height * width).round().astype(np.uint16).reshape(height, width)
+
+
+def test_dicom_rescale_keeps_twelve_bits_over_the_whole_range(tmp_path):
+    pixels = ramp()
+    loaded = data.load_image(write_dicom(tmp_path / "a.dcm", pixels, bits_stored=12,
+                                         RescaleSlope=2, RescaleIntercept=-100))
+    # A rising line maps 0..4095 onto 0..65535 whatever its slope and intercept.
+    assert loaded.dtype == np.uint16
+    assert loaded.tolist() == np.round(pixels * (65535 / 4095)).astype(np.uint16).tolist()
+    deep = ramp(top=65535)
+    assert data.load_image(write_dicom(tmp_path / "b.dicom", deep)).tolist() == deep.tolist()
+    # A falling one (slope -1) turns it over: proof that the rescale is applied at all.
+    falling = data.load_image(write_dicom(tmp_path / "c.dcm", pixels, bits_stored=12,
+                                          RescaleSlope=-1, RescaleIntercept=0))
+    assert (falling.astype(int) + loaded == 65535).all()
+
+
+def test_dicom_monochrome1_is_inverted(tmp_path):
+    pixels = ramp()
+    normal = data.load_image(write_dicom(tmp_path / "two.dcm", pixels, bits_stored=12))
+    inverted = data.load_image(write_dicom(tmp_path / "one.dcm", pixels, "MONOCHROME1",
+                                           bits_stored=12))
+    assert (np.diff(inverted.ravel().astype(int)) < 0).all()  # the ramp now falls
+    assert (inverted.astype(int) + normal == 65535).all()
+
+
+def test_dicom_window_is_applied_in_rescaled_units(tmp_path):
+    pixels = ramp(16, 16, top=1000)
+    center = 300
+    width = 401
+    path = write_dicom(tmp_path / "w.dcm", pixels, bits_stored=12, RescaleSlope=2,
+                       RescaleIntercept=-100, WindowCenter=center, WindowWidth=width)
+    loaded = data.load_image(path)
+    # DICOM PS3.3 C.11.2.1.2.1, the LINEAR window, on the rescaled values, written out:
+    rescaled = pixels * 2.0 - 100
+    expected = ((rescaled - (center - 0.5)) / (width - 1) + 0.5).clip(0, 1) * 65535
+    assert loaded.dtype == np.uint16 and np.abs(loaded - expected).max() <= 1
+    assert loaded.min() == 0 and loaded.max() == 65535  # the window's whole range is used
+
+
+def test_dicom_eight_bit_stays_eight_bit(tmp_path):
+    pixels = ramp(top=255).astype(np.uint8)
+    loaded = data.load_image(write_dicom(tmp_path / "a.dcm", pixels))
+    assert loaded.dtype == np.uint8 and loaded.tolist() == pixels.tolist()
+    seven = pixels // 2  # 7 bits stored in 8: stretched over 0..255 like 12 bits over 16
+    loaded = data.load_image(write_dicom(tmp_path / "b.dcm", seven, bits_stored=7))
+    assert loaded.dtype == np.uint8 and loaded.tolist() == np.round(seven / 127 * 255).tolist()
+
+
+def test_dicom_that_is_no_radiograph_is_refused(tmp_path):
+    pixels = ramp()
+    without = write_dicom(tmp_path / "report.dcm", pixels)
+    pydicom = pytest.importorskip("pydicom")
+    dataset = pydicom.dcmread(without)
+    del dataset.PixelData
+    dataset.save_as(without)
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    write_dicom(tmp_path / "rgb.dcm", rgb.reshape(4, 15), "RGB", Columns=5, SamplesPerPixel=3,
+                PlanarConfiguration=0)
+    write_dicom(tmp_path / "cine.dcm", ramp(12, 8), Rows=6, NumberOfFrames=2)
+    (tmp_path / "text.dcm").write_text("a DICOM in name only")
+    causes = {"report.dcm": "without (integer) pixel data", "rgb.dcm": "colour DICOM (RGB, 3",
+              "cine.dcm": "2 frames", "text.dcm": "not a DICOM file"}
+    for name, cause in causes.items():
+        with pytest.raises(data.ImageError, match=re.escape(cause)) as error:
+            data.load_image(tmp_path / name)
+        assert str(error.value).startswith(str(tmp_path / name))
+
+
+def test_dicom_compressed_without_a_decoder_names_the_syntax_and_the_plugin(tmp_path):
+    pydicom = pytest.importorskip("pydicom")
+    syntaxes = {pydicom.uid.JPEG2000Lossless: ("JPEG 2000", "pylibjpeg-openjpeg"),
+                pydicom.uid.JPEGLSLossless: ("JPEG-LS", "pylibjpeg-libjpeg")}
+    for syntax, (name, plugin) in syntaxes.items():
+        path = write_dicom(tmp_path / "c.dcm", ramp(), syntax=syntax)
+        with pytest.raises(data.ImageError) as error:
+            data.load_image(path)
+        message = str(error.value)
+        assert name in message and f"pip install pylibjpeg {plugin}" in message
+        assert message.startswith(str(path)) and "\n" not in message
+
+
+def test_dicom_without_pydicom_says_how_to_install_it(tmp_path, monkeypatch):
+    (tmp_path / "a.dcm").write_bytes(b"\0" * 128 + b"DICM")  # never opened: no pydicom
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # `import pydicom` now fails
+    message = "a.dcm: reading DICOM needs pydicom: pip install pydicom"
+    with pytest.raises(ImportError, match=message):
+        data.load_image(tmp_path / "a.dcm")
+
+
+def test_dicom_flows_through_crops_preprocess_and_batches(tmp_path):
+    pixels = (ramp(64, 64, top=4095).T // 2 + 1000).astype(np.uint16)  # columns rise
+    for k in range(4):
+        write_dicom(tmp_path / f"{k}.dcm", pixels, bits_stored=12)
+    paths = data.image_paths(tmp_path)
+    assert [p.name for p in paths] == ["0.dcm", "1.dcm", "2.dcm", "3.dcm"]
+    image = data.load_image(paths[0])
+    assert image.dtype == np.uint16 and (image % 257 != 0).any()  # more than 8 bits' levels
+    crops = data.MultiCrop(**SMALL)(image, np.random.default_rng(0))
+    assert all(torch.isfinite(c).all() for c in crops["global"] + crops["local"])
+    row = data.preprocess(image, size=64)[0, 32].numpy() * data.STD + data.MEAN
+    assert np.allclose(row, image[32] / 65535, atol=2e-3)  # 64 -> 64: the values, unchanged
+    batch = next(batches(paths, batch_size=4))
+    assert batch["global"].shape == (8, 1, 32, 32) and batch["skipped"] == [0]
 
 # ===== tables =====
 
@@ -377,3 +522,125 @@ def test_bad_files_are_skipped_or_raised(phantom_set, tmp_path):
             for _ in range(2):  # the two bad files fall somewhere in these two batches
                 next(raising)
         assert str(error.value).startswith(str(tmp_path)) and "\n" not in str(error.value)
+
+# ===== mixtures of sources =====
+
+def folder(path, n, seed=0):
+    """A new folder of n small gray PNGs, 00.png, 01.png..."""
+    path.mkdir()
+    for k in range(n):
+        Image.fromarray(gray(40, 40, seed + k)).save(path / f"{k:02d}.png")
+    return path
+
+
+def test_read_sources_reads_a_list_and_names_the_bad_source(tmp_path):
+    a = folder(tmp_path / "a", 3)
+    b = folder(tmp_path / "b", 4, seed=10)
+    (b / "labels.csv").write_text("image,split\n00.png,train\n01.png,val\n02.png,val\n")
+    sources = data.read_sources([str(a), {"root": b, "weight": 2, "split": "val"}], "train")
+    assert [s["name"] for s in sources] == [str(a), str(b)]
+    assert [len(s["paths"]) for s in sources] == [3, 2]  # a: every image; b: its val rows
+    assert [s["weight"] for s in sources] == [1.0, 2.0]
+    assert data.read_sources(str(b), "train")[0]["paths"] == [b / "00.png"]  # one, not a list
+    cases = [([str(a), str(tmp_path / "gone")], "gone: no such folder or table"),
+             ([{"root": a, "wieght": 2}], "unknown key wieght in the source"),
+             ([{"weight": 2}], "has no root"),
+             ([], "empty list"),
+             ([{"root": a, "split": "train"}], "no labels.csv")]
+    for weight in (0, -1, "a", True, float("nan"), float("inf")):
+        cases.append(([str(b), {"root": a, "weight": weight}], f"{a}: weight must be a positive"))
+    for spec, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            data.read_sources(spec, "train")
+
+
+def fake_sources(*sizes_and_weights):
+    """Sources of made-up paths (epoch_order never opens them), named A, B, C..."""
+    return [{"name": chr(65 + s), "paths": [f"{chr(65 + s)}{i}" for i in range(n)], "weight": w}
+            for s, (n, w) in enumerate(sizes_and_weights)]
+
+
+def test_draws_per_epoch_follow_the_weights():
+    sources = fake_sources((10, 1.0), (4, 2.5), (6, 0.5))
+    orders = [data.epoch_order(sources, seed=5, epoch=e) for e in range(2)]
+    for order in orders:
+        drawn = [[i for s, i in order if s == source] for source in range(3)]
+        assert [len(d) for d in drawn] == [10, 10, 3]  # round(weight x images)
+        assert sorted(drawn[0]) == list(range(10))  # weight 1: every image exactly once
+        assert sorted(drawn[1].count(i) for i in range(4)) == [2, 2, 3, 3]  # 2.5: 2 or 3 times
+        assert [s for s, _ in order] != sorted(s for s, _ in order)  # the sources are mixed
+    # The epochs continue one chain of permutations, so over two epochs weight 0.5 draws
+    # each of its images once, and 2.5 each of its images 5 times.
+    both = orders[0] + orders[1]
+    assert sorted(i for s, i in both if s == 2) == list(range(6))
+    assert [[i for s, i in both if s == 1].count(i) for i in range(4)] == [5] * 4
+    assert orders[0] == data.epoch_order(sources, seed=5, epoch=0)  # a pure function
+    assert orders[0] != data.epoch_order(sources, seed=6, epoch=0)
+
+
+def mixture(tmp_path, **kwargs):
+    """The batches of two folders, 6 images of weight 1 and 3 of weight 2: 12 draws an epoch."""
+    if not (tmp_path / "a").exists():
+        folder(tmp_path / "a", 6)
+        folder(tmp_path / "b", 3, seed=10)
+    sources = data.read_sources([tmp_path / "a", {"root": tmp_path / "b", "weight": 2}])
+    settings = {"batch_size": 4, "seed": 3, **kwargs}
+    return data.PretrainBatches(sources, data.MultiCrop(**SMALL), data.MaskGenerator(4), **settings)
+
+
+def same(one, other):
+    return all(torch.equal(one[key], other[key]) for key in ("global", "local", "masks"))
+
+
+def test_mixture_batches_are_a_pure_function_of_seed_step_and_rank(tmp_path):
+    first = mixture(tmp_path)
+    second = mixture(tmp_path)  # built apart, in another order of calls
+    assert first.steps_per_epoch == 3
+    later = [second[k] for k in (4, 1)]
+    assert same(first[1], later[1]) and same(first[4], later[0])
+    assert same(first[4], mixture(tmp_path, start_step=4)[0])  # resume
+    assert not same(first[4], mixture(tmp_path, seed=4)[4])
+    halves = [mixture(tmp_path, batch_size=2, rank=r, world_size=2)[4] for r in range(2)]
+    whole = first[4]
+    for c in range(2):  # crop c of rank r = crop c of global samples 2r, 2r + 1
+        joined = torch.cat([halves[r]["global"][2 * c:2 * c + 2] for r in range(2)])
+        assert torch.equal(joined, whole["global"][4 * c:4 * c + 4])
+
+
+def test_an_image_drawn_twice_in_an_epoch_gets_other_crops(tmp_path):
+    batches = mixture(tmp_path, batch_size=12)  # the whole epoch in one batch
+    draws = batches.sample_draws(0)
+    batch = batches[0]
+    twice = [(i, j) for i in range(12) for j in range(i + 1, 12) if draws[i] == draws[j]]
+    assert len(twice) == 3  # each image of b, drawn twice
+    for i, j in twice:  # rows 0..11 are every sample's first global crop
+        assert not torch.equal(batch["global"][i], batch["global"][j])
+
+
+def test_skipped_files_are_counted_for_their_own_source(tmp_path):
+    good = folder(tmp_path / "good", 4)
+    bad = folder(tmp_path / "bad", 2)
+    (bad / "02.png").write_bytes(b"")
+    (bad / "03.png").write_bytes(b"\x89PNG broken")
+    sources = data.read_sources([good, bad])
+    batches = data.PretrainBatches(sources, data.MultiCrop(**SMALL), data.MaskGenerator(4),
+                                   batch_size=4, on_bad_file="skip")
+    skipped = [batches[k]["skipped"] for k in range(2)]  # one epoch: every file once
+    assert sum(counts[0] for counts in skipped) == 0
+    assert sum(counts[1] for counts in skipped) >= 2  # both broken files, once each at least
+
+
+def test_train_py_takes_a_list_of_sources(tmp_path):
+    a = folder(tmp_path / "a", 6)
+    b = folder(tmp_path / "b", 3, seed=10)
+    root = Path(__file__).parents[1]
+    args = [f"out_dir={tmp_path / 'run'}", f"data.root=[{a}, {{root: {b}, weight: 2.5}}]",
+            "data.workers=0", "model.arch=vit_tiny", "crops.global_size=28",
+            "crops.local_size=14", "crops.n_local=2", "train.batch_size=4", "head.out_dim=16",
+            "head.hidden_dim=16", "head.bottleneck_dim=8", "compile=false", "train.steps=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(root / "train.py"), *args], cwd=root, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"data: 6 images, weight 1, from {a}\n" in result.stdout
+    assert f"data: 3 images, weight 2.5, from {b}\n" in result.stdout
