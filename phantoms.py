@@ -50,8 +50,8 @@ def draw_phantom(size, sex, age, finding, key=(0,)):
     if finding not in FINDINGS:
         raise ValueError(f"finding '{finding}' is not one of {FINDINGS}")
     # Parts 1, 2, 3, never 0: numpy's SeedSequence pads its entropy with zeros, so [*key, 0]
-    # is the stream of key itself, from which make_phantoms draws the labels; an anatomy
-    # drawn from it would carry them (it did, until these phantoms were reworked).
+    # is the stream of key itself, from which make_phantoms draws the labels: an anatomy
+    # drawn from it would carry them (a random ViT then read age off the pose, R^2 ~0.5).
     anatomy = np.random.default_rng([*key, 1])
     lesion = np.random.default_rng([*key, 2])
     noise = np.random.default_rng([*key, 3])
