@@ -1,8 +1,11 @@
-"""phantoms.py: the synthetic set is deterministic and its labels are true in the pixels."""
+"""phantoms.py: the synthetic set is deterministic, its labels are true in the pixels, and
+none of them can be read off a global statistic or the patient's size and pose."""
 import numpy as np
 import pytest
+from PIL import Image
 
 import data
+import eval as ev
 import phantoms
 
 
@@ -27,14 +30,14 @@ def test_phantoms_are_deterministic(phantom_set, tmp_path):
 
 def test_phantom_labels_match_the_pixels():
     for key in range(6):
-        image, lungs = phantoms.draw_phantom(128, "F" if key % 2 else "M", 30 + 10 * key, "none",
-                                         key=(key,))
+        sex = "F" if key % 2 else "M"
+        image, lungs = phantoms.draw_phantom(128, sex, 30 + 10 * key, "none", key=(key,))
         assert 0.1 < lungs.mean() < 0.4
         # The lungs are the dark regions of the chest: a ring just outside them is brighter.
         grown = lungs.copy()
         for shift in (-4, 4):
             grown |= np.roll(lungs, shift, 0) | np.roll(lungs, shift, 1)
-        assert image[grown & ~lungs].mean() > image[lungs].mean() + 40
+        assert image[grown & ~lungs].mean() > image[lungs].mean() + 20
         for finding in ("nodule", "opacity", "effusion"):
             sick, same_lungs = phantoms.draw_phantom(128, "M", 50, finding, key=(key,))
             healthy, _ = phantoms.draw_phantom(128, "M", 50, "none", key=(key,))
@@ -43,3 +46,46 @@ def test_phantom_labels_match_the_pixels():
             assert sick[changed].astype(int).sum() > healthy[changed].astype(int).sum()
     with pytest.raises(ValueError, match="finding"):
         phantoms.draw_phantom(32, "M", 50, "fracture")
+
+
+def test_sex_and_age_change_the_same_chest_in_places():
+    """The same key is the same person: another sex or age changes some pixels by a lot (a
+    cue a probe at 112 px can see) and leaves most nearly alone (it is not global). The
+    exposure is the person's too: the image's mean and std stay put (without the gain and
+    offset that set them, a woman's or an older chest is ~0.4-1.5 grey levels darker)."""
+    size = 112  # eval.py's probe size in the README's runs
+    for key in range(4):
+        young_man, _ = phantoms.draw_phantom(size, "M", 25, "none", key=(key,))
+        for sex, age in (("F", 25), ("M", 85), ("F", 85)):
+            other, _ = phantoms.draw_phantom(size, sex, age, "none", key=(key,))
+            change = np.abs(other.astype(int) - young_man.astype(int))
+            assert 0.01 < (change > 12).mean() < 0.25, (sex, age)
+            assert np.median(change) <= 6, (sex, age)
+            assert abs(other.mean() - young_man.mean()) < 0.2, (sex, age)
+            assert abs(other.std() - young_man.std()) < 0.25, (sex, age)
+
+
+def test_no_label_is_a_global_statistic(tmp_path):
+    """A 1-D probe on the image's mean or std, or on the lung mask's area or position (the
+    patient's size and pose), is at chance for sex, age and every finding."""
+    table = phantoms.make_phantoms(tmp_path, n=300, size=64, seed=5)
+    rows = data.read_table(table)
+    images = np.stack([np.asarray(Image.open(r["image"]), np.float64) for r in rows])
+    masks = np.stack([np.asarray(Image.open(r["mask"])) > 0 for r in rows])
+    columns = np.arange(64)
+    statistics = {
+        "mean": images.mean((1, 2)),
+        "std": images.std((1, 2)),
+        "lung area": masks.mean((1, 2)),
+        "lung centre": (masks * columns).sum((1, 2)) / masks.sum((1, 2)),
+    }
+    male = np.array([r["sex"] == "M" for r in rows])
+    age = np.array([float(r["age"]) for r in rows])
+    finding = np.array([r["finding"] for r in rows])
+    for name, value in statistics.items():
+        # An AUROC's standard error here is ~0.03-0.04, so 0.1 is ~3 of them.
+        assert abs(ev.auroc(male, value) - 0.5) < 0.1, name
+        for kind in phantoms.FINDINGS:
+            assert abs(ev.auroc(finding == kind, value) - 0.5) < 0.1, (name, kind)
+        if name in ("mean", "std"):  # a bigger heart takes lung area: age may show there
+            assert np.corrcoef(value, age)[0, 1] ** 2 < 0.03, name
