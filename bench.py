@@ -2,6 +2,7 @@
 
     python bench.py augment [--n 200] [--size 518] [--workdir DIR]
     python bench.py train [--arch vit_base] [--batch 64] [--global-size 224] [--local-size 98] [--n-local 8]
+    python bench.py gpu      # on a CUDA machine: the whole GPU road, one table, ~8 minutes
 
 augment: images per second on ONE thread, from a PNG on disk to finished crops (2 x 224 +
 8 x 98), for (a) PNG decoding alone, the ceiling; (b) data.load_image + data.MultiCrop;
@@ -25,6 +26,8 @@ if sys.argv[1:2] == ["augment"]:  # one thread everywhere, set before numpy and 
         os.environ[variable] = "1"
 
 import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -158,67 +161,181 @@ def head_flops(in_dim, hidden, bottleneck, out_dim):
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
 
 
-def train_step(args):
-    """Images per second (and MFU on GPU) of one DINOv2 training step on random crops."""
-    cuda = torch.cuda.is_available() and args.device != "cpu"
-    device = torch.device("cuda" if cuda else "cpu")
+def measure_train_step(arch="vit_base", batch=64, global_size=224, local_size=98, n_local=8,
+                       out_dim=65536, hidden_dim=2048, bottleneck_dim=256, compile=None,
+                       grad_checkpointing=False, steps=20, warmup=5, device="auto",
+                       peak_tflops=None):
+    """One DINOv2 training step as train.py runs it, on random crops: a dict with ms/step,
+    images/s, achieved TFLOP/s and, on a GPU, peak memory and MFU."""
+    cuda = torch.cuda.is_available() and device != "cpu"
+    torch_device = torch.device("cuda" if cuda else "cpu")
+    if compile is None:
+        compile = cuda
     torch.manual_seed(0)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    backbone = raddino.build_vit(args.arch, img_size=args.img_size, in_chans=1, drop_path_rate=0.1)
-    backbone.grad_checkpointing = args.grad_checkpointing
-    model = raddino.StudentTeacher(backbone, out_dim=args.out_dim, hidden_dim=args.hidden_dim,
-                                   bottleneck_dim=args.bottleneck_dim).to(device)
-    if args.compile if args.compile is not None else cuda:
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    # From scratch, train.py builds the position grid at the global crop size.
+    backbone = raddino.build_vit(arch, img_size=global_size, in_chans=1, drop_path_rate=0.1)
+    backbone.grad_checkpointing = grad_checkpointing
+    model = raddino.StudentTeacher(backbone, out_dim=out_dim, hidden_dim=hidden_dim,
+                                   bottleneck_dim=bottleneck_dim).to(torch_device)
+    if compile:
         model.compile_networks()
-    optimizer = torch.optim.AdamW(model.student.parameters(), lr=1e-4, fused=cuda)
-    B, grid = args.batch, args.global_size // 14
-    global_crops = torch.randn(2 * B, 1, args.global_size, args.global_size, device=device)
-    local_crops = torch.randn(args.n_local * B, 1, args.local_size, args.local_size, device=device)
-    generator, rng = data.MaskGenerator(grid), np.random.default_rng(0)
-    ratios = np.linspace(0.1, 0.5, B + 1)[:-1]  # half the global crops masked, stratified ratios
-    masks = [generator(int(grid * grid * r), rng) for r in ratios] + [np.zeros((grid, grid), bool)] * B
-    masks = torch.from_numpy(np.stack(masks).reshape(2 * B, -1)).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    groups = raddino.param_groups(model.student)
+    optimizer = torch.optim.AdamW(groups, lr=1e-4, fused=cuda)
+    grid = global_size // 14
+    global_crops = torch.randn(2 * batch, 1, global_size, global_size, device=torch_device)
+    local_crops = torch.randn(n_local * batch, 1, local_size, local_size, device=torch_device)
+    generator = data.MaskGenerator(grid)
+    rng = np.random.default_rng(0)
+    ratios = np.linspace(0.1, 0.5, batch + 1)[:-1]  # half the global crops masked, stratified
+    masks = [generator(int(grid * grid * r), rng) for r in ratios]
+    masks += [np.zeros((grid, grid), bool)] * batch
+    masks = torch.from_numpy(np.stack(masks).reshape(2 * batch, -1)).to(torch_device)
+    autocast = torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=cuda)
 
     def step():
         with autocast:
             losses, _ = model(global_crops, local_crops, masks, teacher_temp=0.07)
-            loss = losses["loss"]
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for module in model.student.values():
-            torch.nn.utils.clip_grad_norm_(module.parameters(), 3.0)
+        losses["loss"].backward()
+        for network in model.student.values():
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 3.0)
         optimizer.step()
         model.update_teacher(0.996)
 
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for _ in range(args.warmup):  # compilation and allocator warm-up
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):  # compilation and allocator warm-up
         step()
     sync()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         step()
     sync()
-    seconds = (time.perf_counter() - start) / args.steps
-    a, n_global_tok, n_local_tok = backbone.args, grid * grid + 1, (args.local_size // 14) ** 2 + 1
+    seconds = (time.perf_counter() - start) / steps
+
+    a = backbone.args
+    n_global_tokens = grid * grid + 1
+    n_local_tokens = (local_size // 14) ** 2 + 1
     n_masked = int(masks.sum())
-    head = head_flops(a["embed_dim"], args.hidden_dim, args.bottleneck_dim, args.out_dim)
-    student = 2 * B * vit_flops(a, n_global_tok) + args.n_local * B * vit_flops(a, n_local_tok)
-    student += (2 * B + args.n_local * B + n_masked) * head
-    teacher = 2 * B * vit_flops(a, n_global_tok) + (2 * B + n_masked) * head
+    head = head_flops(a["embed_dim"], hidden_dim, bottleneck_dim, out_dim)
+    student = 2 * batch * vit_flops(a, n_global_tokens)
+    student += n_local * batch * vit_flops(a, n_local_tokens)
+    student += (2 * batch + n_local * batch + n_masked) * head
+    teacher = 2 * batch * vit_flops(a, n_global_tokens) + (2 * batch + n_masked) * head
     flops = 3 * student + teacher  # backward ~ 2 x forward
-    name = torch.cuda.get_device_name(device) if cuda else "CPU"
-    print(f"{args.arch} {args.global_size} x 2 + {args.local_size} x {args.n_local}, batch {B}, "
-          f"{'bf16 ' if cuda else 'fp32 '}{'compiled ' if (args.compile if args.compile is not None else cuda) else ''}"
-          f"on {name}")
-    print(f"  {seconds * 1000:.1f} ms/step  {B / seconds:.1f} images/s  {flops / seconds / 1e12:.2f} TFLOP/s achieved")
+    name = torch.cuda.get_device_name(torch_device) if cuda else "CPU"
+    result = {
+        "setting": f"{arch} {global_size} x 2 + {local_size} x {n_local}, batch {batch}, "
+                   f"{'bf16' if cuda else 'fp32'}{', compiled' if compile else ''}"
+                   f"{', checkpointing' if grad_checkpointing else ''}",
+        "device": name,
+        "ms_per_step": seconds * 1000,
+        "images_per_s": batch / seconds,
+        "tflops": flops / seconds / 1e12,
+    }
     if cuda:
-        peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-        print(f"  peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+        result["peak_memory_gib"] = torch.cuda.max_memory_allocated(torch_device) / 2**30
+        peak = peak_tflops
+        if peak is None:
+            peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
         if peak:
-            print(f"  MFU {flops / seconds / 1e12 / peak:.1%} of {peak:.0f} TFLOP/s dense bf16")
+            result["mfu"] = flops / seconds / 1e12 / peak
+    return result
+
+
+def print_train_result(result):
+    print(f"{result['setting']} on {result['device']}")
+    print(f"  {result['ms_per_step']:.1f} ms/step  {result['images_per_s']:.1f} images/s  "
+          f"{result['tflops']:.2f} TFLOP/s achieved")
+    if "peak_memory_gib" in result:
+        print(f"  peak memory {result['peak_memory_gib']:.1f} GiB")
+    if "mfu" in result:
+        print(f"  MFU {result['mfu']:.1%} of the card's dense bf16 peak")
+
+
+def train_step(args):
+    """Images per second (and MFU on GPU) of one DINOv2 training step on random crops."""
+    result = measure_train_step(
+        arch=args.arch, batch=args.batch, global_size=args.global_size,
+        local_size=args.local_size, n_local=args.n_local, out_dim=args.out_dim,
+        hidden_dim=args.hidden_dim, bottleneck_dim=args.bottleneck_dim, compile=args.compile,
+        grad_checkpointing=args.grad_checkpointing, steps=args.steps, warmup=args.warmup,
+        device=args.device, peak_tflops=args.peak_tflops)
+    print_train_result(result)
+
+
+def gpu(args):
+    """The GPU road in one command (about 8 minutes on one H100/H200-class GPU): the CUDA
+    tests, ViT-B/14 training steps compiled and eager, RAD-DINO's 518-px batch of 40 with
+    activation checkpointing, and 50 steps of train.py under torchrun on every GPU. One
+    table at the end; each part runs in its own process, so one failure does not hide the
+    rest."""
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu needs a CUDA GPU; on the CPU run `bench.py train --device cpu`")
+    n_gpus = torch.cuda.device_count()
+    here = Path(__file__).resolve().parent
+    rows = []
+
+    def run(name, command, timeout):
+        start = time.time()
+        try:
+            result = subprocess.run(command, cwd=here, capture_output=True, text=True, timeout=timeout)
+            ok = result.returncode == 0
+            output = result.stdout + result.stderr
+        except subprocess.TimeoutExpired as error:
+            ok = False
+            output = f"timed out after {timeout} s\n{error.stdout or ''}"
+        tail = output.strip().splitlines()[-3:] if output.strip() else [""]
+        print(f"== {name}: {'ok' if ok else 'FAILED'} in {time.time() - start:.0f} s", flush=True)
+        print("\n".join(output.strip().splitlines()[-25:]), flush=True)
+        return ok, tail
+
+    ok, tail = run("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda"], 240)
+    rows.append(("pytest -m cuda", "ok" if ok else "FAILED", tail[-1]))
+    settings = [
+        ("ViT-B/14 2x224+8x98 b64 bf16 compiled", dict(compile=True)),
+        ("ViT-B/14 2x224+8x98 b64 bf16 eager", dict(compile=False)),
+        ("ViT-B/14 2x518+8x98 b40 bf16 compiled, checkpointing",
+         dict(compile=True, batch=40, global_size=518, grad_checkpointing=True, steps=10)),
+    ]
+    speeds = {}
+    for name, options in settings:
+        code = ("import bench, json; "
+                f"print('RESULT', json.dumps(bench.measure_train_step(**{options!r})))")
+        ok, tail = run(name, [sys.executable, "-c", code], 240)
+        line = next((t for t in tail if t.startswith("RESULT ")), None)
+        if not ok or line is None:
+            rows.append((name, "FAILED", tail[-1]))
+            continue
+        result = json.loads(line[len("RESULT "):])
+        speeds[name] = result["images_per_s"]
+        summary = (f"{result['images_per_s']:.0f} img/s, {result['peak_memory_gib']:.1f} GiB, "
+                   f"MFU {result.get('mfu', float('nan')):.1%}")
+        rows.append((name, "ok", summary))
+    compiled = speeds.get(settings[0][0])
+    eager = speeds.get(settings[1][0])
+    if compiled and eager:
+        rows.append(("compiled / eager", "ok", f"{compiled / eager:.2f}x (target >= 1.3x)"))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={n_gpus}", "train.py", "out_dir=runs/bench-gpu", "resume=false",
+                "model.arch=vit_base", "crops.global_size=224", "crops.local_size=98",
+                "train.batch_size=32", "train.steps=50", "train.log_every=10",
+                "train.save_every=50", "data.workers=4", "head.out_dim=65536",
+                "head.hidden_dim=2048", "head.bottleneck_dim=256"]
+    ok, tail = run(f"train.py x{n_gpus} GPUs, 50 steps, ViT-B/14", torchrun, 420)
+    step_lines = [t for t in tail if t.startswith("step ")]
+    rows.append((f"torchrun train.py x{n_gpus}", "ok" if ok else "FAILED",
+                 (step_lines or tail)[-1][:90]))
+    print(f"\nbench.py gpu on {torch.cuda.get_device_name(0)} x{n_gpus}, torch {torch.__version__}")
+    width = max(len(row[0]) for row in rows)
+    for name, status, detail in rows:
+        print(f"  {name:<{width}}  {status:<6}  {detail}")
 
 
 def main():
@@ -237,7 +354,6 @@ def main():
     command.add_argument("--global-size", type=int, default=224)
     command.add_argument("--local-size", type=int, default=98)
     command.add_argument("--n-local", type=int, default=8)
-    command.add_argument("--img-size", type=int, default=224, help="stored position-embedding grid")
     command.add_argument("--out-dim", type=int, default=65536)
     command.add_argument("--hidden-dim", type=int, default=2048)
     command.add_argument("--bottleneck-dim", type=int, default=256)
@@ -249,6 +365,9 @@ def main():
     command.add_argument("--device", default="auto", choices=["auto", "cpu"])
     command.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not known here")
     command.set_defaults(run=train_step)
+    command = commands.add_parser("gpu", help="the GPU road in one command: CUDA tests, MFU, "
+                                  "518-px memory, torchrun train.py")
+    command.set_defaults(run=gpu)
     args = parser.parse_args()
     args.run(args)
 

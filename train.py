@@ -91,10 +91,16 @@ local_rank = int(os.environ.get("LOCAL_RANK", 0))
 master = rank == 0
 use_cuda = config["device"] == "cuda" or (config["device"] == "auto" and torch.cuda.is_available())
 device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+precision = config["precision"]
+if precision not in ("auto", "bf16", "fp32"):
+    raise SystemExit(f"error: precision must be auto, bf16 or fp32, got {precision!r}")
+if precision == "auto":
+    precision = "bf16" if use_cuda else "fp32"
 if use_cuda:
     torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the matmuls that stay in fp32
-    torch.backends.cudnn.allow_tf32 = True
+    # TF32 for the matmuls that stay in fp32 under bf16 autocast; precision=fp32 means fp32.
+    torch.backends.cuda.matmul.allow_tf32 = precision == "bf16"
+    torch.backends.cudnn.allow_tf32 = precision == "bf16"
 if distributed:
     dist.init_process_group("nccl" if use_cuda else "gloo")
 torch.manual_seed(config["seed"])  # the same initial weights on every rank
@@ -115,11 +121,6 @@ def code_version():
         return "unknown"
 
 
-precision = config["precision"]
-if precision not in ("auto", "bf16", "fp32"):
-    raise SystemExit(f"error: precision must be auto, bf16 or fp32, got {precision!r}")
-if precision == "auto":
-    precision = "bf16" if use_cuda else "fp32"
 # bf16 autocast runs on the CPU too, so the GPU's dtype path can be tested without a GPU.
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 compile_networks = config["compile"] is True or (config["compile"] == "auto" and use_cuda)

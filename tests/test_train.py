@@ -148,8 +148,9 @@ def test_resume_after_sigkill_is_bitwise_identical(phantom_set, tmp_path):
         assert torch.equal(a["model"][key], b["model"][key]), key
 
 
-def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_path):
-    args = ["train.steps=2", "train.save_every=2", "model.drop_path=0.0", "loss.koleo_weight=0.0"]
+def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_path, device="cpu"):
+    args = ["train.steps=2", "train.save_every=2", "model.drop_path=0.0", "loss.koleo_weight=0.0",
+            f"device={device}", "precision=fp32"]
     train(tiny_run(phantom_set, tmp_path / "one", *args, "train.batch_size=8"))
     result = train(tiny_run(phantom_set, tmp_path / "two", *args, "train.batch_size=4"),
                    launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
@@ -159,6 +160,12 @@ def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_pat
         torch.testing.assert_close(one["model"][key], two["model"][key], atol=1e-5, rtol=1e-5, msg=key)
     # Each rank draws drop path from its own stream (seed + rank), as DINOv2 does.
     assert not torch.equal(two["rng"][0]["cpu"], two["rng"][1]["cpu"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_cuda_two_nccl_ranks_equal_one_process(phantom_set, tmp_path):
+    test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_path, device="cuda")
 
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
