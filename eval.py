@@ -170,16 +170,40 @@ def with_ci(metrics, arrays, n_resamples=1000, seed=0):
 # ===== backbones and their features =====
 
 
+def weights_path(spec):
+    """The file or folder a spec reads: itself, the PATH of random:PATH, None for random:ARCH."""
+    if not spec.startswith("random:"):
+        return Path(spec)
+    target = spec.split(":", 1)[1]
+    if target in raddino.ARCHS:
+        return None
+    if not Path(target).exists():
+        raise ValueError(f"{spec}: '{target}' is neither an architecture "
+                         f"({', '.join(raddino.ARCHS)}) nor a backbone file or folder")
+    return Path(target)
+
+
+def backbone_args(spec):
+    """The ViT arguments of a spec, read off its weights (random:ARCH: build_vit's)."""
+    path = weights_path(spec)
+    if path is None:
+        return raddino.build_vit(spec.split(":", 1)[1], in_chans=1, patch_size=14).args
+    return weights.backbone_state(path)[1]
+
+
 def load_model(spec):
-    """A frozen one-channel ViT. `random:ARCH` is the untrained baseline, seed 0, so every run
-    compares against the same network (and its cache stays valid); anything else goes to
-    load_backbone, whose in_chans=1 folds 3-channel weights exactly (preprocess hands out one
-    channel)."""
-    if spec.startswith("random:"):
-        torch.manual_seed(0)
-        arch = spec.split(":", 1)[1]
-        return raddino.build_vit(arch, in_chans=1, patch_size=14).eval()
-    return weights.load_backbone(spec, in_chans=1)
+    """A frozen one-channel ViT. `random:ARCH` and `random:PATH` are untrained baselines, seed
+    0, so every run compares against the same network (and its cache stays valid):
+    random:PATH has the architecture and input grid of the backbone at PATH, the like-for-like
+    control for it. Anything else goes to load_backbone, whose in_chans=1 folds 3-channel
+    weights exactly (preprocess hands out one channel)."""
+    if not spec.startswith("random:"):
+        return weights.load_backbone(spec, in_chans=1)
+    args = dict(backbone_args(spec))
+    args["in_chans"] = 1
+    args["drop_path_rate"] = 0.0
+    torch.manual_seed(0)
+    return raddino.ViT(**args).eval()
 
 
 def cache_key(spec, table, size):
@@ -188,8 +212,8 @@ def cache_key(spec, table, size):
     behind an unchanged labels.csv go unnoticed: delete the features-*.pt files then."""
     parts = [spec, size, FEATURE_VERSION]
     paths = [Path(table)]
-    if not spec.startswith("random:"):
-        paths.insert(0, Path(spec))
+    if weights_path(spec) is not None:  # random:PATH too: PATH decides its architecture
+        paths.insert(0, weights_path(spec))
     for path in paths:
         files = [path]
         if path.is_dir():  # a Hugging Face folder: every file in it
@@ -217,7 +241,7 @@ def extract_features(model, rows, size, patch_rows=(), batch_size=32, name=""):
         batch = rows[first:first + batch_size]
         images = load_batch(batch, size)  # (B, 1, S, S)
         # 4 x (patch (B, N, D), cls (B, D)), oldest block first
-        layers = model.get_intermediate_layers(images, 4)
+        layers = model.get_intermediate_layers(images, min(4, len(model.blocks)))
         patch = layers[-1][0]
         cls = layers[-1][1]
         out["cls"].append(cls)
@@ -570,8 +594,9 @@ def newest_checkpoint(runs="runs"):
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backbone", action="append",
-                        help="a .pth, .safetensors, HF folder, train.py .pt, or random:ARCH; "
-                             "repeatable")
+                        help="a .pth, .safetensors, HF folder, train.py .pt, random:ARCH or "
+                             "random:PATH (PATH's architecture, random weights); repeatable "
+                             "(default: the newest train.py checkpoint and random:it)")
     parser.add_argument("--data", help="a folder with labels.csv, or the csv "
                                        "(default: phantoms in data/synthetic)")
     parser.add_argument("--task", nargs="+", default=["all"], choices=[*TASKS, "all"])
@@ -579,8 +604,9 @@ def parse_args(argv):
                         help="label columns for linear and knn")
     parser.add_argument("--features", default="cls", choices=["cls", "cls+avgpool", "last4"],
                         help="what the linear probe sees")
-    parser.add_argument("--size", type=int, default=224,
-                        help="preprocess size (the released RAD-DINO used 518)")
+    parser.add_argument("--size", type=int,
+                        help="preprocess size (default: the first trained backbone's img_size, "
+                             "else 224; the released RAD-DINO used 518)")
     parser.add_argument("--out", default="runs/eval/results.json",
                         help="results; features and pictures go beside it")
     return parser.parse_args(argv)
@@ -597,11 +623,21 @@ def main(argv=None):
             # make_phantoms' default set, ~10 s to draw
             phantoms.make_phantoms(args.data, n=600, size=256)
     if not args.backbone:
+        # Like for like: the checkpoint against a random network of its architecture and size.
         newest = newest_checkpoint()
         args.backbone = ["random:vit_small"]
         if newest:
-            args.backbone.append(str(newest))
+            args.backbone = [str(newest), f"random:{newest}"]
         print(f"newest train.py checkpoint: {newest or 'none in runs/*/'}")
+    sizes = {spec: backbone_args(spec)["img_size"] for spec in args.backbone}
+    if args.size is None:
+        # train.py builds its model at the global crop size: the size its features know.
+        trained = [spec for spec in args.backbone if not spec.startswith("random:")]
+        args.size = sizes[trained[0]] if trained else 224
+        source = f"the img_size of {trained[0]}" if trained else "no trained backbone: default"
+        print(f"size: {args.size} px ({source})")
+    for spec, img_size in sizes.items():
+        print(f"  {spec}: stored grid {img_size} px, evaluated at {args.size} px")
     explicit = "all" not in args.task
     if explicit:
         args.task = list(dict.fromkeys(args.task))
@@ -657,7 +693,8 @@ def main(argv=None):
     torch.set_num_threads(threads)
     print_table(results)
     report = {"command": command, "data": str(args.data), "synthetic": synthetic,
-              "size": args.size, "features": args.features, "backbones": args.backbone,
+              "size": args.size, "backbone_img_size": sizes, "features": args.features,
+              "backbones": args.backbone,
               "results": results}
     # NaN (an undefined metric) -> null, since JSON has no NaN
     text = json.dumps(report, indent=1)

@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import data  # noqa: E402
 import phantoms  # noqa: E402
 import eval as ev  # noqa: E402
+import raddino  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -246,3 +247,35 @@ def test_newest_checkpoint_goes_by_modification_time(tmp_path):
         (tmp_path / name).write_bytes(b"")
         os.utime(tmp_path / name, (when, when))
     assert ev.newest_checkpoint(tmp_path) == tmp_path / "b" / "checkpoint_000100.pt"
+
+
+def write_train_checkpoint(path, img_size=56):
+    """A file in train.py's checkpoint format: the teacher's backbone and its ViT arguments."""
+    torch.manual_seed(1)
+    backbone = raddino.build_vit("vit_tiny", img_size=img_size, in_chans=1, depth=2)
+    state = {f"teacher.backbone.{k}": v for k, v in backbone.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"backbone_args": backbone.args, "model": state}, path)
+    return path
+
+
+def test_random_path_is_the_same_architecture_with_seed_0_weights(tmp_path):
+    checkpoint = write_train_checkpoint(tmp_path / "run" / "checkpoint_000010.pt")
+    trained = ev.load_model(str(checkpoint))
+    random = ev.load_model(f"random:{checkpoint}")
+    assert random.args == trained.args and len(random.blocks) == 2
+    assert not torch.equal(random.pos_embed, trained.pos_embed)
+    assert torch.equal(random.pos_embed, ev.load_model(f"random:{checkpoint}").pos_embed)
+    with pytest.raises(ValueError, match="random:nowhere: 'nowhere' is neither an architecture"):
+        ev.load_model("random:nowhere")
+
+
+def test_no_backbone_compares_the_newest_checkpoint_with_its_random_init(phantom_set, tmp_path,
+                                                                         monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = write_train_checkpoint(Path("runs") / "demo" / "checkpoint_000010.pt")
+    report = ev.main(["--data", str(phantom_set), "--task", "knn", "--out", "e/r.json"])
+    assert report["backbones"] == [str(checkpoint), f"random:{checkpoint}"]
+    assert report["size"] == 56  # the checkpoint's img_size, not 224
+    assert report["backbone_img_size"] == {spec: 56 for spec in report["backbones"]}
+    assert "56 px (the img_size of runs/demo/checkpoint_000010.pt)" in capsys.readouterr().out
