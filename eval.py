@@ -20,6 +20,8 @@ import argparse
 import hashlib
 import json
 import math
+import os
+import resource
 import shlex
 import sys
 import time
@@ -38,7 +40,7 @@ import weights
 
 TASKS = ("linear", "knn", "seg", "age", "sex", "pca")
 SPLITS = ("train", "val", "test")
-FEATURE_VERSION = 1  # part of the cache key: bump it when extract_features changes
+FEATURE_VERSION = 2  # part of the cache key: bump it when extract_features changes
 
 # ===== metrics =====
 
@@ -206,11 +208,11 @@ def load_model(spec):
     return raddino.ViT(**args).eval()
 
 
-def cache_key(spec, table, size):
+def cache_key(spec, table, size, seg_blocks=None):
     """Features depend on the weights, the table and the size. Sizes and mtimes stand in for
     the weights' bytes (hashing 350 MB every run costs more than it saves). Images edited
     behind an unchanged labels.csv go unnoticed: delete the features-*.pt files then."""
-    parts = [spec, size, FEATURE_VERSION]
+    parts = [spec, size, seg_blocks, FEATURE_VERSION]
     paths = [Path(table)]
     if weights_path(spec) is not None:  # random:PATH too: PATH decides its architecture
         paths.insert(0, weights_path(spec))
@@ -224,59 +226,194 @@ def cache_key(spec, table, size):
 
 
 def load_batch(rows, size):
-    """Rows -> preprocessed images (B, 1, S, S)."""
+    """Rows -> preprocessed images (B, 1, S, S), in this process (for the few pictures)."""
     return torch.stack([data.preprocess(data.load_image(row["image"]), size) for row in rows])
 
 
+class PreprocessedImages(torch.utils.data.Dataset):
+    """Row i -> its preprocessed image (1, S, S): decoding and resizing are most of the time
+    of a small backbone, so a DataLoader spreads them over worker processes."""
+
+    def __init__(self, rows, size):
+        self.paths = [row["image"] for row in rows]
+        self.size = size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return data.preprocess(data.load_image(self.paths[i]), self.size)
+
+
+class NpyRows:
+    """Rows of a .npy file, read on demand: rows[[3, 1, 4]] -> a (3, ...) array. Each row is
+    one os.pread into a fresh buffer, so memory holds the rows asked for and nothing more (a
+    memory map would keep every page it touched resident, and at 518 px a ViT-B/14's patch
+    tokens are 2 MB an image). The file is a plain .npy: np.load(path, mmap_mode="r") reads
+    it too."""
+
+    def __init__(self, path):
+        self.file = open(path, "rb")
+        version = np.lib.format.read_magic(self.file)
+        if version == (1, 0):
+            header = np.lib.format.read_array_header_1_0(self.file)
+        else:
+            header = np.lib.format.read_array_header_2_0(self.file)
+        self.shape = header[0]
+        self.dtype = header[2]
+        self.offset = self.file.tell()  # the data follow the header
+        self.row_bytes = math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        index = np.atleast_1d(np.asarray(index))
+        out = np.empty((len(index), *self.shape[1:]), self.dtype)
+        for k, i in enumerate(index.tolist()):
+            raw = os.pread(self.file.fileno(), self.row_bytes, self.offset + i * self.row_bytes)
+            out[k] = np.frombuffer(raw, self.dtype).reshape(self.shape[1:])
+        return out
+
+
+def npy_for_appending(path, shape, dtype):
+    """An open file with a .npy header for `shape`; the caller writes the rows in order."""
+    file = open(path, "wb")
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(shape)}
+    np.lib.format.write_array_header_2_0(file, header)
+    return file
+
+
+def peak_memory(device):
+    """'RAM 1.2 GiB' (this process's peak resident set), plus the GPU's peak when used."""
+    ram = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    text = f"peak RAM {ram:.2f} GiB"
+    if device.type == "cuda":
+        text += f", GPU {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB"
+    return text
+
+
+def linear_blocks(model):
+    """The blocks whose CLS tokens DINOv2's linear probe concatenates: the last 4
+    (dinov2/eval/linear.py, n_last_blocks=4), or all of a shallower model."""
+    depth = len(model.blocks)
+    return list(range(max(0, depth - 4), depth))
+
+
 @torch.inference_mode()
-def extract_features(model, rows, size, patch_rows=(), batch_size=32, name=""):
+def extract_features(model, rows, size, patch_rows=(), seg_blocks=None, patch_file=None,
+                     batch_size=32, workers=0, device="cpu", name=""):
     """One pass over the table -> {"cls" (n, D), "avgpool" (n, D) mean patch token, "last4"
-    (n, 4D) the CLS of the last 4 blocks}, plus "patch" (m, N, D) for the m rows in
-    patch_rows, in float16: half the disk, and a linear head does not need the digits. All
-    from one get_intermediate_layers(x, 4), whose last entry is exactly forward_features'."""
-    keep = set(patch_rows)
-    out = {"cls": [], "avgpool": [], "last4": [], "patch": []}
+    (n, 4D) the CLS of the last 4 blocks} in float32, all from one get_intermediate_layers
+    call whose last entry is exactly forward_features'.
+
+    Patch tokens, (N, D) per image (D x len(seg_blocks) with seg_blocks: those blocks'
+    tokens side by side), go only to `patch_file` for the rows in patch_rows (ascending), in
+    that order: a float16 .npy written as the batches come, since at 518 px a ViT-B/14 makes
+    2 MB of them per image. Memory thus grows with n x D (the pooled features), never with
+    the patch tokens."""
+    device = torch.device(device)
+    depth = len(model.blocks)
+    cls_blocks = linear_blocks(model)
+    seg_blocks = list(seg_blocks or [depth - 1])
+    blocks = sorted(set(cls_blocks) | set(seg_blocks))
+    # Where each wanted block's output lands in get_intermediate_layers' list
+    position = {block: k for k, block in enumerate(blocks)}
+    n = len(rows)
+    dim = model.embed_dim
+    features = {"cls": np.zeros((n, dim), np.float32),
+                "avgpool": np.zeros((n, dim), np.float32),
+                "last4": np.zeros((n, len(cls_blocks) * dim), np.float32)}
+    wanted_rows = set(patch_rows)
+    patch = None
+    if patch_rows:
+        if list(patch_rows) != sorted(wanted_rows):
+            raise ValueError("patch_rows must be ascending table rows, each once")
+        n_patches = (size // model.patch_size) ** 2
+        shape = (len(patch_rows), n_patches, dim * len(seg_blocks))
+        patch = npy_for_appending(patch_file, shape, np.float16)
+    loader = torch.utils.data.DataLoader(
+        PreprocessedImages(rows, size), batch_size=batch_size, num_workers=workers,
+        pin_memory=device.type == "cuda")
+    model = model.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    # bf16 on GPU, as DINOv2's evaluations run (dinov2/eval/utils.py, autocast); fp32 on CPU,
+    # where bf16 matmuls are slower, not faster.
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     start = time.time()
-    for first in range(0, len(rows), batch_size):
-        batch = rows[first:first + batch_size]
-        images = load_batch(batch, size)  # (B, 1, S, S)
-        # 4 x (patch (B, N, D), cls (B, D)), oldest block first
-        layers = model.get_intermediate_layers(images, min(4, len(model.blocks)))
-        patch = layers[-1][0]
-        cls = layers[-1][1]
-        out["cls"].append(cls)
-        out["avgpool"].append(patch.mean(1))  # (B, N, D) -> (B, D)
-        # 4 x (B, D) -> (B, 4D), as DINOv2's linear evaluation concatenates them
-        out["last4"].append(torch.cat([c for _, c in layers], dim=1))
-        for i in range(len(batch)):
-            if first + i in keep:
-                out["patch"].append(patch[i:i + 1].half())  # (1, N, D)
-        # One line, rewritten in place: images/s says how long the rest will take.
-        done = first + len(batch)
-        speed = done / (time.time() - start)
-        end = "\n" if done == len(rows) else ""
-        print(f"\r  {name}: {done}/{len(rows)} images, {speed:.1f} images/s", end=end, flush=True)
-    features = {k: torch.cat(v) for k, v in out.items() if v}
-    features["patch_rows"] = torch.tensor(sorted(keep))
+    last_print = start
+    first = 0
+    for images in loader:  # (B, 1, S, S)
+        with autocast:
+            layers = model.get_intermediate_layers(images.to(device, non_blocking=True),
+                                                   blocks=blocks)
+        # len(blocks) x (patch (B, N, D), cls (B, D)), in block order
+        last_patch = layers[-1][0].float()
+        count = len(images)
+        features["cls"][first:first + count] = layers[-1][1].float().cpu().numpy()
+        features["avgpool"][first:first + count] = last_patch.mean(1).cpu().numpy()
+        # k x (B, D) -> (B, kD), as DINOv2's linear evaluation concatenates them
+        last4 = torch.cat([layers[position[b]][1] for b in cls_blocks], dim=1)
+        features["last4"][first:first + count] = last4.float().cpu().numpy()
+        wanted = [i for i in range(count) if first + i in wanted_rows]
+        if wanted:
+            # len(seg_blocks) x (B, N, D) -> (B, N, D x len(seg_blocks))
+            tokens = torch.cat([layers[position[b]][0] for b in seg_blocks], dim=2)
+            patch.write(tokens[wanted].half().cpu().numpy().tobytes())  # the next rows, in order
+        first += count
+        now = time.time()
+        if now - last_print > 10 or first == n:  # a line every 10 s: logs stay short
+            last_print = now
+            speed = first / (now - start)
+            eta = (n - first) / speed
+            print(f"  {name}: {first}/{n} images, {speed:.1f} images/s, ETA {eta:.0f} s, "
+                  f"{peak_memory(device)}", flush=True)
+    if patch is not None:
+        patch.close()
+    features = {k: torch.from_numpy(v) for k, v in features.items()}
+    features["patch_rows"] = torch.tensor(list(patch_rows), dtype=torch.long)
+    features["images_per_second"] = torch.tensor(n / (time.time() - start))
     return features
 
 
-def get_features(spec, rows, table, size, need_patch, out_dir):
-    """extract_features, cached in out_dir. A cache without patch tokens is redone if seg
-    wants them."""
-    file = Path(out_dir) / f"features-{cache_key(spec, table, size)}.pt"
+def get_features(spec, rows, table, args, patch_rows, out_dir):
+    """extract_features, cached in out_dir: features-KEY.pt (pooled) and features-KEY.npy
+    (patch tokens of patch_rows, read back by the batch). A cache whose patch tokens are not
+    of these rows is redone."""
+    key = cache_key(spec, table, args.size, args.seg_blocks)
+    file = Path(out_dir) / f"features-{key}.pt"
+    patch_file = file.with_suffix(".npy")
     if file.exists():
         features = torch.load(file, weights_only=True)
-        if "patch" in features or not need_patch:
+        cached_rows = set(features["patch_rows"].tolist())
+        # No patch tokens wanted: any cache does; else it must hold exactly these rows'.
+        if not patch_rows or (cached_rows == set(patch_rows) and patch_file.exists()):
             print(f"{spec}: features from the cache {file}")
+            if patch_file.exists():
+                features["patch"] = NpyRows(patch_file)
             return features
-    patch_rows = []
-    if need_patch:  # seg reads no rows without a mask
-        patch_rows = [i for i, row in enumerate(rows) if row.get("mask")]
-    features = extract_features(load_model(spec), rows, size, patch_rows, name=spec)
+    model = load_model(spec)
+    check_blocks(args.seg_blocks, len(model.blocks))
+    # Written under temporary names and renamed when complete: an interrupted run leaves no
+    # half cache.
+    patch_tmp = Path(out_dir) / f"features-{key}.tmp.npy"
+    features = extract_features(model, rows, args.size, patch_rows, args.seg_blocks, patch_tmp,
+                                args.batch_size, args.workers, args.device, name=spec)
+    if patch_rows:
+        patch_tmp.replace(patch_file)
     torch.save(features, file.with_suffix(".tmp"))
-    file.with_suffix(".tmp").replace(file)  # atomic: an interrupted run leaves no half cache
+    file.with_suffix(".tmp").replace(file)
+    if patch_rows:
+        features["patch"] = NpyRows(patch_file)
     return features
+
+
+def check_blocks(blocks, depth):
+    if blocks and not all(0 <= b < depth for b in blocks):
+        raise ValueError(f"--seg-blocks {' '.join(map(str, blocks))}: the backbone has blocks "
+                         f"0..{depth - 1}")
 
 # ===== probes =====
 
@@ -284,21 +421,27 @@ def get_features(spec, rows, table, size, need_patch, out_dir):
 def standardize(x, train):
     """Features in units of the train split's std, so that one L2 penalty weighs every
     direction alike. A random ViT's CLS hardly moves between images (std ~1e-5: LayerScale
-    1e-5 keeps its blocks near identity), so tiny stds are scaled up, never floored."""
-    x = np.asarray(x, np.float64)
-    std = x[train].std(0)
-    return (x - x[train].mean(0)) / np.where(std > 0, std, 1)
+    1e-5 keeps its blocks near identity), so tiny stds are scaled up, never floored. The
+    statistics are taken in float64, the result is float32: half the memory of the table's
+    features, and standardised values lose nothing a probe could use."""
+    x = np.asarray(x)
+    mean = x[train].mean(0, dtype=np.float64)
+    std = x[train].std(0, dtype=np.float64)
+    scaled = (x - mean) / np.where(std > 0, std, 1)
+    return scaled.astype(np.float32)
 
 
-def fit_logistic(x, y, n_classes, l2, max_iter=200):
+def fit_logistic(x, y, n_classes, l2, max_iter=200, dtype=torch.float32):
     """Multinomial logistic regression, mean cross-entropy + l2/2 ||W||^2 (bias free) -> a
     function from features to class probabilities. Full-batch L-BFGS, not SGD: a few hundred
     rows are one batch, it converges in tens of steps with no learning rate to tune, and the
-    problem is convex: from zeros, one answer, no seed."""
-    x = torch.as_tensor(x, dtype=torch.float64)
+    problem is convex: from zeros, one answer, no seed. float32 by default: at benchmark size
+    the features are the memory, and the optimum moves by less than the metrics' rounding
+    (tests/test_eval.py checks it against float64)."""
+    x = torch.as_tensor(x, dtype=dtype)
     y = torch.as_tensor(y)
-    weight = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    weight = torch.zeros(x.shape[1], n_classes, dtype=dtype, requires_grad=True)
+    bias = torch.zeros(n_classes, dtype=dtype, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, history_size=20,
                                   line_search_fn="strong_wolfe", tolerance_grad=1e-9,
                                   tolerance_change=1e-12)
@@ -314,13 +457,14 @@ def fit_logistic(x, y, n_classes, l2, max_iter=200):
     bias = bias.detach()
 
     def predict(z):
-        logits = torch.as_tensor(z, dtype=torch.float64) @ weight + bias
-        return torch.softmax(logits, 1).numpy()
+        logits = torch.as_tensor(z, dtype=dtype) @ weight + bias
+        return torch.softmax(logits.double(), 1).numpy()
 
     return predict
 
 
-def logistic_probe(features, y, split, l2_grid=(10.0, 1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5)):
+def logistic_probe(features, y, split, l2_grid=(10.0, 1.0, 0.1, 0.01, 1e-3, 1e-4, 1e-5),
+                   dtype=torch.float32):
     """Fit on train for each l2 (strongest first); keep the best on val by (AUROC, accuracy),
     ties going to the stronger penalty; report on test. No refit on train + val: val picked
     the penalty, and the model reported is the one that was picked."""
@@ -330,7 +474,7 @@ def logistic_probe(features, y, split, l2_grid=(10.0, 1.0, 0.1, 0.01, 1e-3, 1e-4
     x = standardize(features, train)
     best = None
     for l2 in l2_grid:
-        predict = fit_logistic(x[train], y[train], int(y.max()) + 1, l2)
+        predict = fit_logistic(x[train], y[train], int(y.max()) + 1, l2, dtype=dtype)
         prob = predict(x[val])
         # (AUROC, accuracy) compared in order; no AUROC (one class in val) is -1, so accuracy
         # decides.
@@ -343,20 +487,22 @@ def logistic_probe(features, y, split, l2_grid=(10.0, 1.0, 0.1, 0.01, 1e-3, 1e-4
     return results
 
 
-def knn_probe(features, y, split, k=20, temperature=0.07):
+def knn_probe(features, y, split, k=20, temperature=0.07, chunk_rows=1024):
     """DINO's weighted k-NN: cosine similarity of L2-normalised features; the k nearest train
     images vote for their class with weight exp(sim / T), the votes normalised into class
     probabilities. Nothing is fitted, so nothing is chosen on val: k = 20 and T = 0.07 are
-    DINO's defaults (facebookresearch/dino, eval_knn.py)."""
+    DINO's defaults (facebookresearch/dino, eval_knn.py). The test rows go chunk_rows at a
+    time, as DINO's own loop does: memory chunk_rows x n_train, never n_test x n_train."""
     train = F.normalize(torch.as_tensor(features[split == "train"]).float(), dim=1)
     test = F.normalize(torch.as_tensor(features[split == "test"]).float(), dim=1)
     train_labels = torch.as_tensor(y[split == "train"])
-    similarity = test @ train.T  # (n_test, n_train)
-    top = similarity.topk(min(k, len(train)), dim=1)  # (n_test, k)
-    # exp(sim / T), normalised (as a softmax it cannot overflow)
-    vote_weights = (top.values / temperature).softmax(1)
     votes = torch.zeros(len(test), int(y.max()) + 1)
-    votes.scatter_add_(1, train_labels[top.indices], vote_weights)
+    for first in range(0, len(test), chunk_rows):
+        similarity = test[first:first + chunk_rows] @ train.T  # (chunk, n_train)
+        top = similarity.topk(min(k, len(train)), dim=1)  # (chunk, k)
+        # exp(sim / T), normalised (as a softmax it cannot overflow)
+        vote_weights = (top.values / temperature).softmax(1)
+        votes[first:first + chunk_rows].scatter_add_(1, train_labels[top.indices], vote_weights)
     return with_ci(CLASSIFICATION, [y[split == "test"], votes.double().numpy()])
 
 
@@ -385,60 +531,112 @@ def ridge_probe(features, target, split, alpha_grid=tuple(10.0 ** np.arange(-2, 
     return results
 
 
+def tokens_to_grid(tokens):
+    """Patch tokens (B, N, C), any float array -> float32 tensor (B, C, g, g) for a conv."""
+    tokens = torch.as_tensor(np.asarray(tokens)).float()
+    grid = math.isqrt(tokens.shape[1])
+    return tokens.transpose(1, 2).reshape(len(tokens), -1, grid, grid)  # (B, N, C) -> (B, C, g, g)
+
+
 def train_seg_head(patch, masks, steps=300, batch_size=16, lr=1e-2, seed=0):
-    """The linear segmentation probe, (B, D, g, g) frozen patch tokens -> (B, 1, S, S)
-    logits: BatchNorm, a 1x1 conv, bilinear upsampling to the masks' size (DINOv2's "linear"
-    segmentation head, dinov2/eval/segmentation). Adam on per-pixel BCE against (B, S, S) bool
-    masks, 300 steps of 16 images: 13 s on covid-cxr (32 doubled that for +0.004 Dice). The
-    large lr is safe for one linear layer behind BatchNorm; the loss is taken at mask
-    resolution, where the head will be judged."""
+    """The linear segmentation probe, frozen patch tokens (m, N, C) -> (B, 1, S, S) logits:
+    BatchNorm, a 1x1 conv, bilinear upsampling to the masks' size (DINOv2's "linear"
+    segmentation head, dinov2/eval/segmentation). Adam on per-pixel BCE against (m, S, S)
+    bool masks, 300 steps of 16 images: 13 s on covid-cxr (32 doubled that for +0.004 Dice).
+    The large lr is safe for one linear layer behind BatchNorm; the loss is taken at mask
+    resolution, where the head will be judged. patch and masks may be memory-mapped: each
+    step reads only its batch."""
     torch.manual_seed(seed)
-    dim = patch.shape[1]
+    dim = patch.shape[2]
     head = nn.Sequential(
         nn.BatchNorm2d(dim),
         nn.Conv2d(dim, 1, kernel_size=1),
         nn.Upsample(size=masks.shape[-2:], mode="bilinear", align_corners=False))
     optimizer = torch.optim.Adam(head.parameters(), lr=lr)
     for _ in range(steps):
-        index = torch.randint(len(patch), (min(batch_size, len(patch)),))
-        logits = head(patch[index])[:, 0]
-        loss = F.binary_cross_entropy_with_logits(logits, masks[index].float())
+        index = torch.randint(len(patch), (min(batch_size, len(patch)),)).numpy()
+        logits = head(tokens_to_grid(patch[index]))[:, 0]
+        target = torch.as_tensor(np.asarray(masks[index])).float()
+        loss = F.binary_cross_entropy_with_logits(logits, target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     return head.eval()  # BatchNorm's running statistics from here on
 
 
-def seg_probe(features, rows, split, size, png):
+@torch.no_grad()
+def predict_masks(head, patch, rows, batch_size=16):
+    """The head's bool masks (B, S, S) of patch[rows], batch by batch."""
+    for first in range(0, len(rows), batch_size):
+        batch = patch[np.asarray(rows[first:first + batch_size])]
+        yield (head(tokens_to_grid(batch))[:, 0] > 0).numpy()  # logit 0 = probability 1/2
+
+
+def mask_file(rows, patch_rows, size, table, out_dir):
+    """The masks of patch_rows at `size`, (m, S, S) bool, preprocessed once into a .npy beside
+    the results, shared by every backbone and read back by the batch (NpyRows)."""
+    parts = [str(Path(table).resolve()), Path(table).stat().st_mtime_ns, size, patch_rows]
+    key = hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
+    file = Path(out_dir) / f"masks-{key}.npy"
+    if not file.exists():
+        tmp = Path(out_dir) / f"masks-{key}.tmp.npy"
+        with npy_for_appending(tmp, (len(patch_rows), size, size), bool) as masks:
+            for i in patch_rows:
+                mask = data.preprocess(data.load_image(rows[i]["mask"]), size, mask=True)
+                masks.write(np.ascontiguousarray(mask).tobytes())
+        tmp.replace(file)
+    return NpyRows(file)
+
+
+def seg_probe(features, rows, split, size, png, masks):
     """Train the head on the train rows with a mask; per-image Dice and IoU on the test rows
     with a mask; a picture of four of them, truth in green and prediction in red (both:
-    yellow)."""
+    yellow). masks: mask_file's array, row k for features["patch"][k]."""
     patch_rows = features["patch_rows"].tolist()
-    grid = math.isqrt(features["patch"].shape[1])
-    # (m, N, D) -> (m, D, g, g)
-    patch = features["patch"].float().transpose(1, 2).reshape(len(patch_rows), -1, grid, grid)
-    masks = [data.preprocess(data.load_image(rows[i]["mask"]), size, mask=True) for i in patch_rows]
-    masks = torch.from_numpy(np.stack(masks))
-    train = [j for j, i in enumerate(patch_rows) if split[i] == "train"]
-    test = [j for j, i in enumerate(patch_rows) if split[i] == "test"]
+    patch = features["patch"]  # (m, N, C) float16, NpyRows on the cache file
+    train = [k for k, i in enumerate(patch_rows) if split[i] == "train"]
+    test = [k for k, i in enumerate(patch_rows) if split[i] == "test"]
     if len(train) < 2 or not test:  # BatchNorm cannot train on one image
         raise ValueError(f"seg needs masks on 2+ train rows and 1+ test rows; "
                          f"found {len(train)} and {len(test)}")
-    head = train_seg_head(patch[train], masks[train])
-    pred = (head(patch[test])[:, 0] > 0).numpy()  # logit 0 = probability 1/2
-    dice, iou = dice_iou(pred, masks[test].numpy())
+    # The head sees train rows only: a view of them that reads the file batch by batch.
+    head = train_seg_head(RowSubset(patch, train), RowSubset(masks, train))
+    dice = []
+    iou = []
     panels = []
-    for j, predicted in zip(test[:4], pred):
-        image = gray_rgb(load_batch([rows[patch_rows[j]]], size)[0])
-        overlay = np.stack([predicted, masks[j].numpy(), 0 * predicted], -1)  # red, green
-        panels.append(0.7 * image + 0.3 * overlay)
+    done = 0
+    for pred in predict_masks(head, patch, test):
+        true = np.asarray(masks[np.asarray(test[done:done + len(pred)])])
+        batch_dice, batch_iou = dice_iou(pred, true)
+        dice.append(batch_dice)
+        iou.append(batch_iou)
+        for j in range(min(len(pred), 4 - len(panels))):
+            image = gray_rgb(load_batch([rows[patch_rows[test[done + j]]]], size)[0])
+            overlay = np.stack([pred[j], true[j], 0 * pred[j]], -1)  # red, green
+            panels.append(0.7 * image + 0.3 * overlay)
+        done += len(pred)
     save_png(panels, png)
     # One resample for both metrics: Dice and IoU of the same draw of images.
     metrics = {"dice": lambda d, i: float(d.mean()), "iou": lambda d, i: float(i.mean())}
-    results = with_ci(metrics, [dice, iou])
+    results = with_ci(metrics, [np.concatenate(dice), np.concatenate(iou)])
     results["n"] = {"train": len(train), "test": len(test)}
     results["png"] = str(png)
     return results
+
+
+class RowSubset:
+    """rows of an array, indexed lazily: subset[index] reads array[rows[index]] and no more."""
+
+    def __init__(self, array, rows):
+        self.array = array
+        self.rows = np.asarray(rows)
+        self.shape = (len(self.rows), *array.shape[1:])
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.array[self.rows[index]]
 
 
 def gray_rgb(image):
@@ -464,7 +662,8 @@ def pca_picture(model, rows, size, png):
     the same in each, as RGB beside the image. A component's sign is arbitrary: colours may
     swap between backbones, the parts they draw may not."""
     images = load_batch(rows, size)
-    patch = model.forward_features(images)["patch"].double()  # (B, N, D)
+    device = next(model.parameters()).device
+    patch = model.forward_features(images.to(device))["patch"].double().cpu()  # (B, N, D)
     grid = math.isqrt(patch.shape[1])
     flat = patch.flatten(0, 1)  # (B*N, D)
     flat = flat - flat.mean(0)
@@ -522,7 +721,7 @@ def parse_age(row):
     return np.nan
 
 
-def run_tasks(spec, features, rows, split, table, args, labels):
+def run_tasks(spec, features, rows, split, table, args, labels, masks):
     """Every asked-for probe on one backbone's features -> {"task/label": results}. Age and
     sex read the CLS token, as RAD-DINO's probes do; linear reads --features; k-NN the CLS
     token, as DINO does."""
@@ -551,11 +750,12 @@ def run_tasks(spec, features, rows, split, table, args, labels):
             keep = np.isfinite(age)
             results["age"] = on_labelled_rows(ridge_probe, cls, age, keep, split, table, "age")
         elif task == "seg":
-            results["seg"] = seg_probe(features, rows, split, args.size, f"{stem}-seg.png")
+            png = f"{stem}-seg.png"
+            results["seg"] = seg_probe(features, rows, split, args.size, png, masks)
         elif task == "pca":
             # Four test images: never seen by any probe, the same four for every backbone.
             test_rows = [row for row, s in zip(rows, split) if s == "test"][:4]
-            model = load_model(spec)
+            model = load_model(spec).to(args.device)
             results["pca"] = pca_picture(model, test_rows, args.size, f"{stem}-pca.png")
     return results
 
@@ -609,7 +809,21 @@ def parse_args(argv):
                              "else 224; the released RAD-DINO used 518)")
     parser.add_argument("--out", default="runs/eval/results.json",
                         help="results; features and pictures go beside it")
-    return parser.parse_args(argv)
+    parser.add_argument("--seg-blocks", type=int, nargs="+",
+                        help="0-based blocks whose patch tokens the seg probe reads, side by "
+                             "side (default: the last)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="auto: CUDA when present (bf16 autocast), else CPU")
+    parser.add_argument("--workers", type=int, default=min(8, (os.cpu_count() or 1) - 1),
+                        help="processes decoding and preprocessing images (default: cores - 1, "
+                             "at most 8)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    args = parser.parse_args(argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    return args
 
 
 def main(argv=None):
@@ -675,26 +889,35 @@ def main(argv=None):
         words += ["--backbone", spec]
     words += ["--data", args.data, "--task", *args.task, "--label", *args.label]
     words += ["--features", args.features, "--size", str(args.size), "--out", args.out]
+    if args.seg_blocks:
+        words += ["--seg-blocks", *map(str, args.seg_blocks)]
     command = shlex.join(words)
     note = "   (data: synthetic phantoms)" if synthetic else ""
     print(f"running: {command}{note}")
     out_dir = Path(args.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
+    patch_rows = []
+    masks = None
+    if "seg" in args.task:  # seg reads no rows without a mask
+        patch_rows = [i for i, row in enumerate(rows) if row.get("mask")]
+        masks = mask_file(rows, patch_rows, args.size, table, out_dir)
     features = {}
     for spec in args.backbone:
-        features[spec] = get_features(spec, rows, table, args.size, "seg" in args.task, out_dir)
+        features[spec] = get_features(spec, rows, table, args, patch_rows, out_dir)
     # The probes are thousands of tiny ops, for which OpenMP's thread hand-offs cost more than
     # the work itself: one L-BFGS step measured 0.4 ms on one thread, 67 ms on two busy cores.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     results = {}
     for spec in args.backbone:
-        results[spec] = run_tasks(spec, features[spec], rows, split, table, args, labels)
+        results[spec] = run_tasks(spec, features[spec], rows, split, table, args, labels, masks)
     torch.set_num_threads(threads)
     print_table(results)
     report = {"command": command, "data": str(args.data), "synthetic": synthetic,
               "size": args.size, "backbone_img_size": sizes, "features": args.features,
-              "backbones": args.backbone,
+              "backbones": args.backbone, "device": args.device,
+              "images_per_second": {spec: float(features[spec]["images_per_second"])
+                                    for spec in args.backbone},
               "results": results}
     # NaN (an undefined metric) -> null, since JSON has no NaN
     text = json.dumps(report, indent=1)

@@ -162,11 +162,11 @@ def test_seg_head_learns_a_mask_from_features_that_carry_it():
     features = rng.normal(0, 0.3, (24, 6, 8, 8))
     features[:, 0] += masks
     features[:, 1] += ~masks
-    patch = torch.tensor(features, dtype=torch.float32)
-    true = torch.from_numpy(masks).repeat_interleave(4, 1).repeat_interleave(4, 2)  # masks at 4x the patch grid
+    # (B, D, g, g) -> (B, N, D): the patch tokens as the backbone hands them out
+    patch = torch.tensor(features, dtype=torch.float32).flatten(2).transpose(1, 2)
+    true = torch.from_numpy(masks).repeat_interleave(4, 1).repeat_interleave(4, 2)  # 4x the grid
     head = ev.train_seg_head(patch[:16], true[:16], steps=150)
-    with torch.no_grad():
-        pred = (head(patch[16:])[:, 0] > 0).numpy()
+    pred = np.concatenate(list(ev.predict_masks(head, patch, list(range(16, 24)))))
     assert ev.dice_iou(pred, true[16:].numpy())[0].mean() > 0.9
 
 
@@ -188,7 +188,7 @@ def phantom_set(tmp_path_factory):
 
 def test_cli_end_to_end_and_the_cache(phantom_set, tmp_path, capsys):
     out = tmp_path / "eval" / "results.json"
-    argv = ["--backbone", "random:vit_tiny", "--data", str(phantom_set), "--size", "56", "--out", str(out)]
+    argv = ["--backbone", "random:vit_tiny", "--data", str(phantom_set), "--size", "56", "--workers", "0", "--out", str(out)]
     report = ev.main(argv + ["--task", "all", "--label", "finding"])
     results = report["results"]["random:vit_tiny"]
     assert set(results) == {"linear/finding", "knn/finding", "seg", "age", "sex", "pca"}
@@ -219,7 +219,7 @@ def rewrite(table, out_dir, change):
 
 
 def test_missing_columns_and_splits_are_named(phantom_set, tmp_path):
-    argv = ["--backbone", "random:vit_tiny", "--size", "56", "--out", str(tmp_path / "r.json")]
+    argv = ["--backbone", "random:vit_tiny", "--size", "56", "--workers", "0", "--out", str(tmp_path / "r.json")]
     with pytest.raises(ValueError, match=r"labels\.csv: no 'smoker' column"):
         ev.main(argv + ["--data", str(phantom_set), "--label", "smoker"])
     no_val = rewrite(phantom_set / "labels.csv", tmp_path, lambda row: {**row, "split": row["split"].replace("val", "train")})
@@ -233,7 +233,7 @@ def test_missing_columns_and_splits_are_named(phantom_set, tmp_path):
 
 def test_rows_without_a_label_are_dropped_and_counted(phantom_set, tmp_path):
     unknown = rewrite(phantom_set / "labels.csv", tmp_path, lambda row: {**row, "sex": "" if row["image"][-5] in "05" else row["sex"]})
-    report = ev.main(["--backbone", "random:vit_tiny", "--data", str(unknown), "--size", "56", "--task", "sex", "age",
+    report = ev.main(["--backbone", "random:vit_tiny", "--data", str(unknown), "--size", "56", "--workers", "0", "--task", "sex", "age",
                       "--out", str(tmp_path / "r.json")])
     sex, age = report["results"]["random:vit_tiny"]["sex"], report["results"]["random:vit_tiny"]["age"]
     assert sex["dropped"] == 8 and sum(sex["n"].values()) == 32  # images 00000, 00005, ... 00035 lost their sex
@@ -274,8 +274,79 @@ def test_no_backbone_compares_the_newest_checkpoint_with_its_random_init(phantom
                                                                          monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     checkpoint = write_train_checkpoint(Path("runs") / "demo" / "checkpoint_000010.pt")
-    report = ev.main(["--data", str(phantom_set), "--task", "knn", "--out", "e/r.json"])
+    report = ev.main(["--data", str(phantom_set), "--task", "knn", "--out", "e/r.json", "--workers", "0"])
     assert report["backbones"] == [str(checkpoint), f"random:{checkpoint}"]
     assert report["size"] == 56  # the checkpoint's img_size, not 224
     assert report["backbone_img_size"] == {spec: 56 for spec in report["backbones"]}
     assert "56 px (the img_size of runs/demo/checkpoint_000010.pt)" in capsys.readouterr().out
+
+# ===== streamed and chunked against all in memory =====
+
+
+def knn_all_at_once(features, y, split, k=20, temperature=0.07):
+    """DINO's k-NN the obvious way: the whole (n_test, n_train) similarity, one test row at a time."""
+    train = features[split == "train"]
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    test = features[split == "test"]
+    test = test / np.linalg.norm(test, axis=1, keepdims=True)
+    similarity = test @ train.T
+    votes = np.zeros((len(test), int(y.max()) + 1))
+    for row in range(len(test)):
+        nearest = np.argsort(-similarity[row])[:k]
+        weights = np.exp(similarity[row, nearest] / temperature)
+        for j, w in zip(nearest, weights / weights.sum()):
+            votes[row, y[split == "train"][j]] += w
+    return ev.with_ci(ev.CLASSIFICATION, [y[split == "test"], votes])
+
+
+def assert_same_metrics(a, b, tolerance):
+    for name in ("auroc", "auprc", "accuracy"):
+        assert a[name]["value"] == pytest.approx(b[name]["value"], abs=tolerance), name
+        assert a[name]["ci"] == pytest.approx(b[name]["ci"], abs=tolerance), name
+
+
+def test_chunked_knn_and_float32_logistic_match_the_all_in_memory_versions():
+    x, latent, split, _ = planted()
+    y = np.digitize(latent, [-0.5, 0.5])
+    assert_same_metrics(ev.knn_probe(x, y, split, chunk_rows=7), knn_all_at_once(x, y, split), 1e-6)
+    binary = (latent > 0).astype(int)
+    single = ev.logistic_probe(x, binary, split)
+    double = ev.logistic_probe(x, binary, split, dtype=torch.float64)
+    assert single["l2"] == double["l2"]
+    assert_same_metrics(single, double, 1e-3)
+
+
+def test_seg_head_trained_from_files_on_disk_is_the_one_trained_in_memory(tmp_path):
+    rng = np.random.default_rng(0)
+    patch = rng.normal(size=(10, 16, 8)).astype(np.float16)  # (m, N, C)
+    masks = rng.random((10, 8, 8)) < 0.4
+    np.save(tmp_path / "patch.npy", patch)
+    np.save(tmp_path / "masks.npy", masks)
+    on_disk = ev.train_seg_head(ev.RowSubset(ev.NpyRows(tmp_path / "patch.npy"), range(2, 10)),
+                                ev.RowSubset(ev.NpyRows(tmp_path / "masks.npy"), range(2, 10)),
+                                steps=20)
+    in_memory = ev.train_seg_head(torch.tensor(patch[2:]).float(), torch.tensor(masks[2:]),
+                                  steps=20)
+    for a, b in zip(on_disk.state_dict().values(), in_memory.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_streamed_features_match_one_forward_pass(phantom_set, tmp_path):
+    rows = data.read_table(phantom_set)[:10]
+    model = ev.load_model("random:vit_tiny")
+    for block in model.blocks:  # LayerScale 1e-5 would hide the blocks: let them act
+        block.ls1.gamma.data.fill_(0.5)
+        block.ls2.gamma.data.fill_(0.5)
+    features = ev.extract_features(model, rows, 56, patch_rows=[1, 4, 9], seg_blocks=[3, 11],
+                                   patch_file=tmp_path / "patch.npy", batch_size=3)
+    with torch.no_grad():
+        images = ev.load_batch(rows, 56)
+        tokens = model.forward_features(images)
+        layers = model.get_intermediate_layers(images, blocks=[3, 11])
+    torch.testing.assert_close(features["cls"], tokens["cls"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(features["avgpool"], tokens["patch"].mean(1), atol=1e-4, rtol=1e-4)
+    expected = torch.cat([layers[0][0], layers[1][0]], dim=2)[[1, 4, 9]]  # (3, N, 2D)
+    patch = torch.from_numpy(np.load(tmp_path / "patch.npy")).float()
+    assert np.array_equal(ev.NpyRows(tmp_path / "patch.npy")[[2, 0]], np.load(tmp_path / "patch.npy")[[2, 0]])
+    torch.testing.assert_close(patch, expected, atol=1e-2, rtol=1e-2)  # float16 on disk
+    assert features["last4"].shape == (10, 4 * 192)
