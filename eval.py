@@ -38,7 +38,9 @@ import phantoms
 import raddino
 import weights
 
-TASKS = ("linear", "knn", "seg", "age", "sex", "pca")
+TASKS = ("linear", "knn", "seg", "age", "sex", "pca", "attention")  # what "all" runs
+EXPORTS = ("embed",)  # asked for by name only: it writes files, it measures nothing
+POOLED = ("cls", "avgpool", "last4")  # the --features parts, all from one pass
 SPLITS = ("train", "val", "test")
 FEATURE_VERSION = 2  # part of the cache key: bump it when extract_features changes
 
@@ -388,8 +390,8 @@ def get_features(spec, rows, table, args, patch_rows, out_dir):
     if file.exists():
         features = torch.load(file, weights_only=True)
         cached_rows = set(features["patch_rows"].tolist())
-        # No patch tokens wanted: any cache does; else it must hold exactly these rows'.
-        if not patch_rows or (cached_rows == set(patch_rows) and patch_file.exists()):
+        # No patch tokens wanted: any cache does; else it must hold at least these rows'.
+        if not patch_rows or (set(patch_rows) <= cached_rows and patch_file.exists()):
             print(f"{spec}: features from the cache {file}")
             if patch_file.exists():
                 features["patch"] = NpyRows(patch_file)
@@ -482,8 +484,10 @@ def logistic_probe(features, y, split, l2_grid=(10.0, 1.0, 0.1, 0.01, 1e-3, 1e-4
                  CLASSIFICATION["accuracy"](y[val], prob)]
         if best is None or score > best["score"]:  # strictly better: a tie keeps the stronger l2
             best = {"score": score, "l2": l2, "predict": predict}
-    results = with_ci(CLASSIFICATION, [y[test], best["predict"](x[test])])
+    test_prob = best["predict"](x[test])
+    results = with_ci(CLASSIFICATION, [y[test], test_prob])
     results["l2"] = best["l2"]
+    results["test_prob"] = test_prob  # for macro averages over labels; not written out
     return results
 
 
@@ -503,7 +507,10 @@ def knn_probe(features, y, split, k=20, temperature=0.07, chunk_rows=1024):
         # exp(sim / T), normalised (as a softmax it cannot overflow)
         vote_weights = (top.values / temperature).softmax(1)
         votes[first:first + chunk_rows].scatter_add_(1, train_labels[top.indices], vote_weights)
-    return with_ci(CLASSIFICATION, [y[split == "test"], votes.double().numpy()])
+    test_prob = votes.double().numpy()
+    results = with_ci(CLASSIFICATION, [y[split == "test"], test_prob])
+    results["test_prob"] = test_prob  # for macro averages over labels; not written out
+    return results
 
 
 def ridge_probe(features, target, split, alpha_grid=tuple(10.0 ** np.arange(-2, 6.5, 0.5))):
@@ -592,10 +599,12 @@ def seg_probe(features, rows, split, size, png, masks):
     """Train the head on the train rows with a mask; per-image Dice and IoU on the test rows
     with a mask; a picture of four of them, truth in green and prediction in red (both:
     yellow). masks: mask_file's array, row k for features["patch"][k]."""
-    patch_rows = features["patch_rows"].tolist()
-    patch = features["patch"]  # (m, N, C) float16, NpyRows on the cache file
-    train = [k for k, i in enumerate(patch_rows) if split[i] == "train"]
-    test = [k for k, i in enumerate(patch_rows) if split[i] == "test"]
+    mask_rows = [i for i, row in enumerate(rows) if row.get("mask")]  # masks' row k
+    # The cache may hold more rows than seg reads (embed's --patch-grid): seg's, in order.
+    slot = {row: k for k, row in enumerate(features["patch_rows"].tolist())}
+    patch = RowSubset(features["patch"], [slot[i] for i in mask_rows])  # (m, N, C) float16
+    train = [k for k, i in enumerate(mask_rows) if split[i] == "train"]
+    test = [k for k, i in enumerate(mask_rows) if split[i] == "test"]
     if len(train) < 2 or not test:  # BatchNorm cannot train on one image
         raise ValueError(f"seg needs masks on 2+ train rows and 1+ test rows; "
                          f"found {len(train)} and {len(test)}")
@@ -611,7 +620,7 @@ def seg_probe(features, rows, split, size, png, masks):
         dice.append(batch_dice)
         iou.append(batch_iou)
         for j in range(min(len(pred), 4 - len(panels))):
-            image = gray_rgb(load_batch([rows[patch_rows[test[done + j]]]], size)[0])
+            image = gray_rgb(load_batch([rows[mask_rows[test[done + j]]]], size)[0])
             overlay = np.stack([pred[j], true[j], 0 * pred[j]], -1)  # red, green
             panels.append(0.7 * image + 0.3 * overlay)
         done += len(pred)
@@ -708,6 +717,7 @@ def on_labelled_rows(probe, features, target, keep, split, table, column):
     if target.dtype.kind == "i" and len(np.unique(train_targets)) < 2:
         raise ValueError(f"{table}: column '{column}' has a single class in the train split")
     results = probe(features[keep], target[keep], split[keep])
+    results["test_rows"] = np.flatnonzero(keep & (split == "test"))  # table rows, in order
     results["n"] = {s: int((keep & (split == s)).sum()) for s in SPLITS}
     results["dropped"] = int((~keep).sum())
     return results
@@ -721,13 +731,58 @@ def parse_age(row):
     return np.nan
 
 
+def explain_undefined(result, y_test, classes):
+    """An AUROC or AUPRC of a test split holding one class is undefined, not 'nan': say so,
+    and why, in the table and in results.json."""
+    present = sorted(set(y_test.tolist()))
+    if len(present) > 1:
+        return
+    if present:
+        reason = f"undefined: test split has only class {classes[present[0]]}"
+    else:
+        reason = "undefined: test split has no labelled rows"
+    for metric in result.values():
+        if isinstance(metric, dict) and "value" in metric and not np.isfinite(metric["value"]):
+            metric["undefined"] = reason
+
+
+def macro_over_labels(per_label):
+    """Mean AUROC and AUPRC over binary label columns, {"auroc", "auprc"} each with a bootstrap
+    interval, on the test rows that have every label (so that one draw of rows serves every
+    label). per_label: {column: (test rows, positive-class probability, is positive)}."""
+    common = None
+    for test_rows, _, _ in per_label.values():
+        common = set(test_rows.tolist()) if common is None else common & set(test_rows.tolist())
+    common = sorted(common)
+    truth = []
+    score = []
+    for test_rows, prob, positive in per_label.values():
+        where = {row: k for k, row in enumerate(test_rows.tolist())}
+        picked = [where[row] for row in common]
+        truth.append(positive[picked])
+        score.append(prob[picked])
+    truth = np.stack(truth, 1)  # (n, L)
+    score = np.stack(score, 1)
+
+    def macro(metric):
+        def average(t, s):
+            values = [metric(t[:, j], s[:, j]) for j in range(t.shape[1])]
+            values = [v for v in values if np.isfinite(v)]  # a label with one class is skipped
+            return float(np.mean(values)) if values else np.nan
+        return average
+
+    results = with_ci({"auroc": macro(auroc), "auprc": macro(auprc)}, [truth, score])
+    results["labels"] = list(per_label)
+    results["n_test"] = len(common)
+    return results
+
+
 def run_tasks(spec, features, rows, split, table, args, labels, masks):
     """Every asked-for probe on one backbone's features -> {"task/label": results}. Age and
     sex read the CLS token, as RAD-DINO's probes do; linear reads --features; k-NN the CLS
-    token, as DINO does."""
+    token, as DINO does. Several binary --label columns add "task/macro"."""
     cls = features["cls"].numpy()
-    # "cls+avgpool": (n, D) and (n, D) side by side -> (n, 2D)
-    chosen = torch.cat([features[k] for k in args.features.split("+")], 1).numpy()
+    chosen = chosen_features(features, args.features).numpy()
     safe_name = "".join(c if c.isalnum() or c in "-." else "_" for c in spec).strip("._")
     stem = Path(args.out).parent / safe_name
     results = {}
@@ -735,34 +790,102 @@ def run_tasks(spec, features, rows, split, table, args, labels, masks):
         if task in ("linear", "knn"):
             probe = logistic_probe if task == "linear" else knn_probe
             x = chosen if task == "linear" else cls
+            per_label = {}
             for column in args.label:
                 y, classes = labels[column]
                 result = on_labelled_rows(probe, x, y, y >= 0, split, table, column)
+                test_rows = result.pop("test_rows")
+                test_prob = result.pop("test_prob")
+                explain_undefined(result, y[test_rows], classes)
                 result["classes"] = classes
                 results[f"{task}/{column}"] = result
+                if len(classes) == 2:
+                    per_label[column] = (test_rows, test_prob[:, 1], y[test_rows] == 1)
+            if len(args.label) > 1 and len(per_label) == len(args.label):
+                results[f"{task}/macro"] = macro_over_labels(per_label)
         elif task == "sex":
             y, classes = labels["sex"]
             result = on_labelled_rows(logistic_probe, cls, y, y >= 0, split, table, "sex")
+            test_rows = result.pop("test_rows")
+            result.pop("test_prob")
+            explain_undefined(result, y[test_rows], classes)
             result["classes"] = classes
             results["sex"] = result
         elif task == "age":
             age = np.array([parse_age(row) for row in rows])
             keep = np.isfinite(age)
-            results["age"] = on_labelled_rows(ridge_probe, cls, age, keep, split, table, "age")
+            result = on_labelled_rows(ridge_probe, cls, age, keep, split, table, "age")
+            result.pop("test_rows")
+            results["age"] = result
         elif task == "seg":
             png = f"{stem}-seg.png"
             results["seg"] = seg_probe(features, rows, split, args.size, png, masks)
-        elif task == "pca":
+        elif task in ("pca", "attention"):
             # Four test images: never seen by any probe, the same four for every backbone.
             test_rows = [row for row, s in zip(rows, split) if s == "test"][:4]
             model = load_model(spec).to(args.device)
-            results["pca"] = pca_picture(model, test_rows, args.size, f"{stem}-pca.png")
+            picture = pca_picture if task == "pca" else attention_picture
+            results[task] = picture(model, test_rows, args.size, f"{stem}-{task}.png")
+        elif task == "embed":
+            results["embed"] = write_embeddings(spec, features, rows, args, f"{stem}-embed")
     return results
+
+
+def chosen_features(features, spelling):
+    """--features, e.g. "last4+avgpool": the named pooled features side by side, (n, sum of D).
+    last4+avgpool is DINOv2's linear-probe input (dinov2/eval/linear.py,
+    create_linear_input: the CLS of the last 4 blocks and the mean patch token)."""
+    return torch.cat([features[part] for part in spelling.split("+")], 1)
+
+
+def write_embeddings(spec, features, rows, args, stem):
+    """One safetensors file per backbone: "cls" (n, D), "avgpool" (n, D), "features" (n, F) as
+    --features spells it, and with --patch-grid "patch" (n, N, C), the tokens seg reads; row
+    k is the table's row k, whose image path is metadata["rows"][k]. The grid is read into
+    memory once to be written: n x N x C x 2 bytes."""
+    tensors = {"cls": features["cls"], "avgpool": features["avgpool"],
+               "features": chosen_features(features, args.features)}
+    if args.patch_grid:
+        if features["patch_rows"].tolist() != list(range(len(rows))):
+            raise ValueError("--patch-grid: the patch-token cache does not cover every row")
+        tensors["patch"] = torch.from_numpy(features["patch"][np.arange(len(rows))])
+    preprocessing = (f"data.preprocess: shorter side to {args.size} (bicubic), centre crop "
+                     f"{args.size}, x / 255, mean {data.MEAN}, std {data.STD}, one channel")
+    metadata = {"rows": json.dumps([str(row["image"]) for row in rows]), "backbone": spec,
+                "size": args.size, "features": args.features, "preprocessing": preprocessing,
+                "seg_blocks": json.dumps(args.seg_blocks)}
+    file = f"{stem}.safetensors"
+    weights.write_safetensors(file, tensors, metadata)
+    return {"file": file, "tensors": {k: list(v.shape) for k, v in tensors.items()}}
+
+
+@torch.inference_mode()
+def attention_picture(model, rows, size, png):
+    """DINO's attention maps (Caron et al. 2021, figure 1): for each image, the image and then
+    one panel per head of the last block, the CLS query's attention over the patches, each
+    stretched to [0, 1] and shown in gray at the image's size."""
+    images = load_batch(rows, size)
+    device = next(model.parameters()).device
+    attention = model.last_cls_attention(images.to(device)).float().cpu()  # (B, H, N)
+    grid = math.isqrt(attention.shape[2])
+    maps = attention.reshape(len(rows), -1, grid, grid)  # (B, H, g, g)
+    low = maps.amin((2, 3), keepdim=True)
+    high = maps.amax((2, 3), keepdim=True)
+    maps = (maps - low) / (high - low).clamp_min(1e-12)
+    maps = F.interpolate(maps, size=(size, size), mode="nearest")  # (B, H, S, S)
+    panels = []
+    for image, heads in zip(images, maps.numpy()):
+        panels.append(gray_rgb(image))
+        panels += [np.repeat(head[..., None], 3, axis=2) for head in heads]
+    save_png(panels, png)
+    return {"png": str(png), "heads": int(maps.shape[1])}
 
 # ===== the command line =====
 
 
 def format_metric(metric):
+    if metric.get("undefined"):
+        return metric["undefined"]
     value = metric["value"]
     low = metric["ci"][0]
     high = metric["ci"][1]
@@ -777,11 +900,44 @@ def print_table(results):
             for name, metric in entries.items():
                 if isinstance(metric, dict) and "value" in metric:  # a metric, not a count
                     lines.setdefault((task, name), {})[spec] = format_metric(metric)
-    width = max([24] + [len(spec) + 2 for spec in results])
     header = {spec: spec for spec in results}
-    for (task, name), cells in [(("task", "metric"), header), *lines.items()]:
-        values = "".join(f"{cells.get(spec, '-'):>{width}}" for spec in results)
-        print(f"{task:<16}{name:<10}{values}")
+    table = [(("task", "metric"), header), *lines.items()]
+    # Every column as wide as its longest entry, two spaces apart: a long task name
+    # ("linear/pneumonia") or reason never runs into its neighbour.
+    task_width = max(len(task) for (task, _), _ in table)
+    name_width = max(len(name) for (_, name), _ in table)
+    widths = {spec: max(len(cells.get(spec, "-")) for _, cells in table) for spec in results}
+    for (task, name), cells in table:
+        values = "".join(f"  {cells.get(spec, '-'):>{widths[spec]}}" for spec in results)
+        print(f"{task:<{task_width}}  {name:<{name_width}}{values}")
+
+
+def update_model_card(folder, results, command):
+    """train.py's export folder has a model card (README.md): give it an "## Evaluation"
+    section with these results and the command, replacing the one a previous run wrote."""
+    card = Path(folder) / "README.md"
+    lines = ["## Evaluation", "", f"`{command}`", "", "| probe | metric | " +
+             " | ".join(results) + " |", "|---|---|" + "---|" * len(results)]
+    rows = {}
+    for spec, tasks in results.items():
+        for task, entries in tasks.items():
+            for name, metric in entries.items():
+                if isinstance(metric, dict) and "value" in metric:
+                    rows.setdefault((task, name), {})[spec] = format_metric(metric)
+    for (task, name), cells in rows.items():
+        values = " | ".join(cells.get(spec, "-") for spec in results)
+        lines.append(f"| {task} | {name} | {values} |")
+    section = "\n".join(lines) + "\n"
+    text = card.read_text()
+    start = text.find("\n## Evaluation\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        following = text.find("\n## ", start + 1)  # the next section, if any, stays
+        rest = "" if following < 0 else "\n" + text[following + 1:]
+        text = text[:start + 1] + section + rest
+    weights.atomic_write_text(card, text)
+    return card
 
 
 def newest_checkpoint(runs="runs"):
@@ -799,11 +955,16 @@ def parse_args(argv):
                              "(default: the newest train.py checkpoint and random:it)")
     parser.add_argument("--data", help="a folder with labels.csv, or the csv "
                                        "(default: phantoms in data/synthetic)")
-    parser.add_argument("--task", nargs="+", default=["all"], choices=[*TASKS, "all"])
+    parser.add_argument("--task", nargs="+", default=["all"], choices=[*TASKS, *EXPORTS, "all"],
+                        help="all: every probe and picture; embed (by name only) writes the "
+                             "features of every row to a safetensors file")
     parser.add_argument("--label", nargs="+", default=["finding"],
                         help="label columns for linear and knn")
-    parser.add_argument("--features", default="cls", choices=["cls", "cls+avgpool", "last4"],
-                        help="what the linear probe sees")
+    parser.add_argument("--features", default="cls",
+                        help="what linear and embed read: parts of cls, avgpool, last4 joined "
+                             "by +; last4+avgpool is DINOv2's linear probe")
+    parser.add_argument("--patch-grid", action="store_true",
+                        help="embed: also write every row's patch tokens (n x N x D)")
     parser.add_argument("--size", type=int,
                         help="preprocess size (default: the first trained backbone's img_size, "
                              "else 224; the released RAD-DINO used 518)")
@@ -819,6 +980,10 @@ def parse_args(argv):
                              "at most 8)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     args = parser.parse_args(argv)
+    unknown = [part for part in args.features.split("+") if part not in POOLED]
+    if unknown:
+        parser.error(f"--features {args.features}: unknown part '{unknown[0]}' "
+                     f"(parts: {', '.join(POOLED)}, joined by +)")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -855,8 +1020,8 @@ def main(argv=None):
     explicit = "all" not in args.task
     if explicit:
         args.task = list(dict.fromkeys(args.task))
-    else:
-        args.task = list(TASKS)
+    else:  # all, and any export named beside it
+        args.task = list(TASKS) + [task for task in EXPORTS if task in args.task]
     wants_labels = bool({"linear", "knn"} & set(args.task))
     # Check the table before computing a single feature: a typo should cost a second, not an
     # hour.
@@ -891,16 +1056,23 @@ def main(argv=None):
     words += ["--features", args.features, "--size", str(args.size), "--out", args.out]
     if args.seg_blocks:
         words += ["--seg-blocks", *map(str, args.seg_blocks)]
+    if args.patch_grid:
+        words.append("--patch-grid")
     command = shlex.join(words)
     note = "   (data: synthetic phantoms)" if synthetic else ""
     print(f"running: {command}{note}")
     out_dir = Path(args.out).parent
     out_dir.mkdir(parents=True, exist_ok=True)
+    # Patch tokens are cached for the rows that need them: seg's (those with a mask), or every
+    # row for embed's --patch-grid.
     patch_rows = []
     masks = None
-    if "seg" in args.task:  # seg reads no rows without a mask
-        patch_rows = [i for i, row in enumerate(rows) if row.get("mask")]
-        masks = mask_file(rows, patch_rows, args.size, table, out_dir)
+    if "seg" in args.task:
+        mask_rows = [i for i, row in enumerate(rows) if row.get("mask")]
+        patch_rows = mask_rows
+        masks = mask_file(rows, mask_rows, args.size, table, out_dir)
+    if "embed" in args.task and args.patch_grid:
+        patch_rows = list(range(len(rows)))
     features = {}
     for spec in args.backbone:
         features[spec] = get_features(spec, rows, table, args, patch_rows, out_dir)
@@ -924,6 +1096,9 @@ def main(argv=None):
     text = json.dumps(json.loads(text, parse_constant=lambda _: None), indent=1)
     Path(args.out).write_text(text + "\n")
     print(f"wrote {args.out}")
+    for spec in args.backbone:
+        if Path(spec).is_dir() and (Path(spec) / "README.md").is_file():
+            print(f"updated the model card {update_model_card(spec, results, command)}")
     return report
 
 

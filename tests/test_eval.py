@@ -4,6 +4,7 @@ noise, the segmentation head on a toy mask set, and the command line end to end 
 CPU only, seconds each: the backbone in the end-to-end test is a random ViT-Ti on 56-px images.
 """
 import csv
+import json
 import itertools
 import os
 import sys
@@ -17,6 +18,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import data  # noqa: E402
 import phantoms  # noqa: E402
+import weights  # noqa: E402
 import eval as ev  # noqa: E402
 import raddino  # noqa: E402
 
@@ -191,7 +193,7 @@ def test_cli_end_to_end_and_the_cache(phantom_set, tmp_path, capsys):
     argv = ["--backbone", "random:vit_tiny", "--data", str(phantom_set), "--size", "56", "--workers", "0", "--out", str(out)]
     report = ev.main(argv + ["--task", "all", "--label", "finding"])
     results = report["results"]["random:vit_tiny"]
-    assert set(results) == {"linear/finding", "knn/finding", "seg", "age", "sex", "pca"}
+    assert set(results) == {"linear/finding", "knn/finding", "seg", "age", "sex", "pca", "attention"}
     assert set(results["linear/finding"]) >= {"auroc", "auprc", "accuracy", "l2", "n", "classes", "dropped"}
     assert set(results["linear/finding"]["classes"]) <= set(phantoms.FINDINGS) and results["sex"]["classes"] == ["F", "M"]
     assert results["seg"]["n"] == {"train": 24, "test": 8} and 0 <= results["seg"]["dice"]["value"] <= 1
@@ -209,12 +211,15 @@ def test_cli_end_to_end_and_the_cache(phantom_set, tmp_path, capsys):
 
 def rewrite(table, out_dir, change):
     """A copy of a labels.csv with each row passed through change(row), images still found."""
-    rows = list(csv.DictReader(open(table)))
+    rows = []
+    for row in csv.DictReader(open(table)):
+        row["image"] = str(table.parent / row["image"])
+        row["mask"] = str(table.parent / row["mask"])
+        rows.append(change(row))
     with open(out_dir / "labels.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(change({**row, "image": str(table.parent / row["image"]),
-                                 "mask": str(table.parent / row["mask"])}) for row in rows)
+        writer.writerows(rows)
     return out_dir
 
 
@@ -350,3 +355,101 @@ def test_streamed_features_match_one_forward_pass(phantom_set, tmp_path):
     assert np.array_equal(ev.NpyRows(tmp_path / "patch.npy")[[2, 0]], np.load(tmp_path / "patch.npy")[[2, 0]])
     torch.testing.assert_close(patch, expected, atol=1e-2, rtol=1e-2)  # float16 on disk
     assert features["last4"].shape == (10, 4 * 192)
+
+# ===== what users asked for =====
+
+
+def test_last_cls_attention_is_the_softmax_that_attention_reference_applies():
+    torch.manual_seed(0)
+    model = raddino.build_vit("vit_tiny", img_size=56, in_chans=1, depth=2, num_register_tokens=2)
+    captured = {}
+    model.blocks[-1].norm1.register_forward_hook(lambda m, i, o: captured.update(x=o))
+    images = torch.randn(2, 1, 56, 56)
+    with torch.no_grad():
+        model.forward_features(images)
+        x = captured["x"]
+        qkv = model.blocks[-1].attn.qkv(x).reshape(2, x.shape[1], 3, 3, 64)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4)
+        # Values = the identity: attention_reference then hands back its own weights.
+        identity = torch.eye(x.shape[1]).expand(2, 3, -1, -1)
+        weights = raddino.attention_reference(q, k, identity)[:, :, 0, 3:]  # CLS query, patches
+        attention = model.last_cls_attention(images)
+    assert attention.shape == (2, 3, 16)
+    torch.testing.assert_close(attention, weights)
+
+
+def test_embed_writes_every_row_with_its_id_and_reads_back(phantom_set, tmp_path):
+    out = tmp_path / "r.json"
+    report = ev.main(["--backbone", "random:vit_tiny", "--data", str(phantom_set), "--size", "56",
+                      "--workers", "0", "--task", "embed", "--features", "last4+avgpool",
+                      "--patch-grid", "--out", str(out)])
+    entry = report["results"]["random:vit_tiny"]["embed"]
+    tensors, metadata = weights.read_safetensors(entry["file"], return_metadata=True)
+    rows = data.read_table(phantom_set)
+    assert json.loads(metadata["rows"]) == [str(row["image"]) for row in rows]
+    assert metadata["backbone"] == "random:vit_tiny" and metadata["size"] == "56"
+    assert tensors["cls"].shape == (40, 192) and tensors["features"].shape == (40, 5 * 192)
+    assert tensors["patch"].shape == (40, 16, 192)
+    model = ev.load_model("random:vit_tiny")
+    with torch.no_grad():
+        tokens = model.forward_features(ev.load_batch(rows[5:7], 56))
+    torch.testing.assert_close(tensors["cls"][5:7], tokens["cls"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tensors["patch"][5:7].float(), tokens["patch"], atol=1e-2, rtol=1e-2)
+    # DINOv2's linear input: the CLS of the last 4 blocks, then the mean patch token
+    torch.testing.assert_close(tensors["features"][:, -192:], tensors["avgpool"])
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--features", "last4+meanpool"])
+
+
+def test_several_labels_give_per_label_results_and_macro_averages(phantom_set, tmp_path):
+    def binary(row):
+        return {**row, "nodule": str(int(row["finding"] == "nodule")),
+                "clear": str(int(row["finding"] == "none"))}
+    table = rewrite(phantom_set / "labels.csv", tmp_path, binary)
+    argv = ["--backbone", "random:vit_tiny", "--data", str(table), "--size", "56", "--workers",
+            "0", "--task", "knn", "--out", str(tmp_path / "r.json")]
+    results = ev.main(argv + ["--label", "nodule", "clear"])["results"]["random:vit_tiny"]
+    macro = results["knn/macro"]
+    expected = np.mean([results["knn/nodule"]["auroc"]["value"],
+                        results["knn/clear"]["auroc"]["value"]])
+    assert macro["auroc"]["value"] == pytest.approx(expected)  # every test row has both labels
+    assert macro["labels"] == ["nodule", "clear"] and len(macro["auprc"]["ci"]) == 2
+    with pytest.raises(ValueError, match="no 'smoker' column"):
+        ev.main(argv + ["--label", "nodule", "smoker"])
+
+
+def test_a_single_class_test_split_says_why_the_metric_is_undefined(phantom_set, tmp_path,
+                                                                    capsys):
+    def one_class_in_test(row):
+        return {**row, "flag": "1" if row["split"] == "test" else str(int(row["sex"] == "M"))}
+    table = rewrite(phantom_set / "labels.csv", tmp_path, one_class_in_test)
+    out = tmp_path / "r.json"
+    ev.main(["--backbone", "random:vit_tiny", "--data", str(table), "--size", "56", "--workers",
+             "0", "--task", "linear", "--label", "flag", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "undefined: test split has only class 1" in printed and "nan [nan" not in printed
+    saved = json.loads(out.read_text())["results"]["random:vit_tiny"]["linear/flag"]
+    assert saved["auroc"]["value"] is None
+    assert saved["auroc"]["undefined"] == "undefined: test split has only class 1"
+    assert "undefined" not in saved["accuracy"]  # accuracy is still defined
+
+
+def test_table_columns_are_as_wide_as_their_contents(capsys):
+    metric = {"value": 0.5, "ci": [0.25, 0.75]}
+    ev.print_table({"a": {"linear/pneumonia_and_more": {"auroc": metric}}})
+    header, line = capsys.readouterr().out.splitlines()
+    assert line == "linear/pneumonia_and_more  auroc   0.500 [0.250, 0.750]"  # "metric" sets 6
+    assert header.split() == ["task", "metric", "a"]
+
+
+def test_the_model_card_gets_an_evaluation_section_once(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text("# model\n\nintro\n\n## Evaluation\n\nold\n\n## License\n\nMIT\n")
+    metric = {"value": 0.5, "ci": [0.25, 0.75]}
+    for value in (0.5, 0.6):
+        results = {str(tmp_path): {"knn/x": {"auroc": {**metric, "value": value}}}}
+        ev.update_model_card(tmp_path, results, "python eval.py --backbone X")
+    text = card.read_text()
+    assert text.count("## Evaluation") == 1 and "old" not in text and "## License\n\nMIT" in text
+    assert "| knn/x | auroc | 0.600 [0.250, 0.750] |" in text and "0.500 [" not in text
+    assert "`python eval.py --backbone X`" in text
