@@ -3,6 +3,7 @@
     python bench.py augment [--n 200] [--size 518] [--workdir DIR]
     python bench.py train [--arch vit_base] [--batch 64] [--global-size 224] [--local-size 98] [--n-local 8]
     python bench.py gpu      # on a CUDA machine: the whole GPU road, one table, ~8 minutes
+    python bench.py eval [--rows 1000 4000 16000] [--arch vit_tiny] [--size 56] [--workers 1]
 
 augment: images per second on ONE thread, from a PNG on disk to finished crops (2 x 224 +
 8 x 98), for (a) PNG decoding alone, the ceiling; (b) data.load_image + data.MultiCrop;
@@ -15,6 +16,13 @@ images/s, peak memory, and on GPU the model FLOPs utilisation (MFU) against the 
 dense bf16 peak. FLOPs are counted from the architecture (matmuls and attention, forward
 x 3 for the student's forward + backward, x 1 for the teacher), not measured.
 
+eval: eval.py's seg and k-NN tasks on synthetic tables of growing length (rows repeat a few
+hundred phantoms): feature-extraction images/s, wall time, peak RSS and the patch-token
+cache on disk per length. Each length runs in its own process, so its peak RSS is its own.
+Time should grow linearly; memory may grow with rows x D (the pooled features), never with
+the patch tokens or n_test x n_train. The default (a 2-block ViT-Ti at 56 px) takes ~7 minutes
+on a busy 2-core CPU.
+
 To add a subcommand: write a function that takes the parsed arguments, and register it
 with its options in main().
 """
@@ -26,6 +34,7 @@ if sys.argv[1:2] == ["augment"]:  # one thread everywhere, set before numpy and 
         os.environ[variable] = "1"
 
 import argparse  # noqa: E402
+import csv  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
@@ -338,6 +347,61 @@ def gpu(args):
         print(f"  {name:<{width}}  {status:<6}  {detail}")
 
 
+def write_long_table(phantom_table, n_rows, path):
+    """A labels.csv of n_rows rows cycling through the phantoms, split 60/20/20 by row
+    number, so every length has the same mix."""
+    phantom_rows = list(csv.DictReader(open(phantom_table)))
+    folder = Path(phantom_table).parent
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "mask", "split", "finding"])
+        for k in range(n_rows):
+            row = phantom_rows[k % len(phantom_rows)]
+            split = "train" if k % 10 < 6 else "val" if k % 10 < 8 else "test"
+            writer.writerow([folder / row["image"], folder / row["mask"], split, row["finding"]])
+    return path
+
+
+def eval_at_size(args):
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-eval-"))
+    phantom_table = phantoms.make_phantoms(workdir / "phantoms", n=args.images, size=64)
+    # A shallow random backbone in train.py's checkpoint format, evaluated as random:PATH: the
+    # bench measures eval.py's plumbing, which a deep model would only hide behind matmuls.
+    backbone = raddino.build_vit(args.arch, img_size=args.size, in_chans=1, depth=args.depth)
+    state = {f"teacher.backbone.{k}": v for k, v in backbone.state_dict().items()}
+    checkpoint = workdir / f"{args.arch}-depth{args.depth}.pt"
+    torch.save({"backbone_args": backbone.args, "model": state}, checkpoint)
+    spec = f"random:{checkpoint}"
+    print(f"{args.arch} with {args.depth} blocks at {args.size} px, {args.workers} loader "
+          f"worker(s), tasks seg and knn, {args.images} phantoms repeated; "
+          f"{os.cpu_count()} CPU cores")
+    print(f"{'rows':>7} {'extract img/s':>14} {'wall s':>8} {'peak RSS MiB':>13} "
+          f"{'patch cache MiB':>16} {'seg Dice':>9} {'knn AUROC':>10}")
+    for n_rows in args.rows:
+        out_dir = workdir / f"rows-{n_rows}"
+        out_dir.mkdir(exist_ok=True)
+        table = write_long_table(phantom_table, n_rows, out_dir / "labels.csv")
+        command = [sys.executable, str(Path(__file__).parent / "eval.py"),
+                   "--backbone", spec, "--data", str(table),
+                   "--task", "seg", "knn", "--label", "finding", "--size", str(args.size),
+                   "--workers", str(args.workers), "--device", "cpu",
+                   "--out", str(out_dir / "results.json")]
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        # wait4 gives this child's own resource use: its peak RSS, not the largest so far.
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.perf_counter() - start
+        if status != 0:
+            sys.exit(f"bench.py eval: {' '.join(command)} failed")
+        report = json.loads((out_dir / "results.json").read_text())
+        speed = report["images_per_second"][spec]
+        results = report["results"][spec]
+        cache = sum(f.stat().st_size for f in out_dir.glob("features-*.npy")) / 2**20
+        print(f"{n_rows:>7} {speed:>14.1f} {wall:>8.1f} {usage.ru_maxrss / 1024:>13.0f} "
+              f"{cache:>16.1f} {results['seg']['dice']['value']:>9.3f} "
+              f"{results['knn/finding']['auroc']['value']:>10.3f}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -368,6 +432,15 @@ def main():
     command = commands.add_parser("gpu", help="the GPU road in one command: CUDA tests, MFU, "
                                   "518-px memory, torchrun train.py")
     command.set_defaults(run=gpu)
+    command = commands.add_parser("eval", help="eval.py time and memory against table length")
+    command.add_argument("--rows", type=int, nargs="+", default=[1000, 4000, 16000])
+    command.add_argument("--arch", default="vit_tiny", choices=sorted(raddino.ARCHS))
+    command.add_argument("--depth", type=int, default=2, help="blocks of the random backbone")
+    command.add_argument("--size", type=int, default=56, help="eval.py --size")
+    command.add_argument("--images", type=int, default=200, help="distinct phantoms")
+    command.add_argument("--workers", type=int, default=1, help="eval.py --workers")
+    command.add_argument("--workdir", help="where tables and caches go (default: a temp folder)")
+    command.set_defaults(run=eval_at_size)
     args = parser.parse_args()
     args.run(args)
 

@@ -292,6 +292,23 @@ class ViT(nn.Module):
                 outputs.append((tokens["patch"], tokens["cls"]))
         return outputs
 
+    def last_cls_attention(self, x):
+        """(B, C, H, W) -> (B, heads, N): how the last block's CLS query attends to each patch,
+        softmax(q_cls K^T / sqrt(Dh)) over all tokens, registers and CLS dropped after the
+        softmax. The maps of DINO's figures (Caron et al. 2021, figure 1; dino's
+        visualize_attention.py)."""
+        x = self.prepare_tokens(x)
+        for block in self.blocks[:-1]:
+            x = block(x)
+        last = self.blocks[-1].attn
+        B, N, D = x.shape
+        head_dim = D // last.num_heads
+        qkv = last.qkv(self.blocks[-1].norm1(x)).reshape(B, N, 3, last.num_heads, head_dim)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4)  # (B, N, 3, H, Dh) -> 3 x (B, H, N, Dh)
+        scores = q[:, :, :1] @ k.transpose(-2, -1) / math.sqrt(head_dim)  # (B, H, 1, N)
+        attention = scores.softmax(dim=-1)[:, :, 0]  # (B, H, N)
+        return attention[:, :, 1 + self.num_register_tokens:]  # (B, H, patches)
+
 
 # Heads are 64 wide, as in DINOv2. vit_tiny (DeiT-Ti widths) is not a DINOv2 release: it is
 # here for laptop CPUs.

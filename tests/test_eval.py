@@ -4,6 +4,7 @@ noise, the segmentation head on a toy mask set, and the command line end to end 
 CPU only, seconds each: the backbone in the end-to-end test is a random ViT-Ti on 56-px images.
 """
 import csv
+import json
 import itertools
 import os
 import sys
@@ -17,7 +18,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parents[1]))
 import data  # noqa: E402
 import phantoms  # noqa: E402
+import weights  # noqa: E402
 import eval as ev  # noqa: E402
+import raddino  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -161,11 +164,11 @@ def test_seg_head_learns_a_mask_from_features_that_carry_it():
     features = rng.normal(0, 0.3, (24, 6, 8, 8))
     features[:, 0] += masks
     features[:, 1] += ~masks
-    patch = torch.tensor(features, dtype=torch.float32)
-    true = torch.from_numpy(masks).repeat_interleave(4, 1).repeat_interleave(4, 2)  # masks at 4x the patch grid
+    # (B, D, g, g) -> (B, N, D): the patch tokens as the backbone hands them out
+    patch = torch.tensor(features, dtype=torch.float32).flatten(2).transpose(1, 2)
+    true = torch.from_numpy(masks).repeat_interleave(4, 1).repeat_interleave(4, 2)  # 4x the grid
     head = ev.train_seg_head(patch[:16], true[:16], steps=150)
-    with torch.no_grad():
-        pred = (head(patch[16:])[:, 0] > 0).numpy()
+    pred = np.concatenate(list(ev.predict_masks(head, patch, list(range(16, 24)))))
     assert ev.dice_iou(pred, true[16:].numpy())[0].mean() > 0.9
 
 
@@ -187,10 +190,10 @@ def phantom_set(tmp_path_factory):
 
 def test_cli_end_to_end_and_the_cache(phantom_set, tmp_path, capsys):
     out = tmp_path / "eval" / "results.json"
-    argv = ["--backbone", "random:vit_tiny", "--data", str(phantom_set), "--size", "56", "--out", str(out)]
+    argv = ["--backbone", "random:vit_tiny", "--data", str(phantom_set), "--size", "56", "--workers", "0", "--out", str(out)]
     report = ev.main(argv + ["--task", "all", "--label", "finding"])
     results = report["results"]["random:vit_tiny"]
-    assert set(results) == {"linear/finding", "knn/finding", "seg", "age", "sex", "pca"}
+    assert set(results) == {"linear/finding", "knn/finding", "seg", "age", "sex", "pca", "attention"}
     assert set(results["linear/finding"]) >= {"auroc", "auprc", "accuracy", "l2", "n", "classes", "dropped"}
     assert set(results["linear/finding"]["classes"]) <= set(phantoms.FINDINGS) and results["sex"]["classes"] == ["F", "M"]
     assert results["seg"]["n"] == {"train": 24, "test": 8} and 0 <= results["seg"]["dice"]["value"] <= 1
@@ -208,17 +211,20 @@ def test_cli_end_to_end_and_the_cache(phantom_set, tmp_path, capsys):
 
 def rewrite(table, out_dir, change):
     """A copy of a labels.csv with each row passed through change(row), images still found."""
-    rows = list(csv.DictReader(open(table)))
+    rows = []
+    for row in csv.DictReader(open(table)):
+        row["image"] = str(table.parent / row["image"])
+        row["mask"] = str(table.parent / row["mask"])
+        rows.append(change(row))
     with open(out_dir / "labels.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(change({**row, "image": str(table.parent / row["image"]),
-                                 "mask": str(table.parent / row["mask"])}) for row in rows)
+        writer.writerows(rows)
     return out_dir
 
 
 def test_missing_columns_and_splits_are_named(phantom_set, tmp_path):
-    argv = ["--backbone", "random:vit_tiny", "--size", "56", "--out", str(tmp_path / "r.json")]
+    argv = ["--backbone", "random:vit_tiny", "--size", "56", "--workers", "0", "--out", str(tmp_path / "r.json")]
     with pytest.raises(ValueError, match=r"labels\.csv: no 'smoker' column"):
         ev.main(argv + ["--data", str(phantom_set), "--label", "smoker"])
     no_val = rewrite(phantom_set / "labels.csv", tmp_path, lambda row: {**row, "split": row["split"].replace("val", "train")})
@@ -232,7 +238,7 @@ def test_missing_columns_and_splits_are_named(phantom_set, tmp_path):
 
 def test_rows_without_a_label_are_dropped_and_counted(phantom_set, tmp_path):
     unknown = rewrite(phantom_set / "labels.csv", tmp_path, lambda row: {**row, "sex": "" if row["image"][-5] in "05" else row["sex"]})
-    report = ev.main(["--backbone", "random:vit_tiny", "--data", str(unknown), "--size", "56", "--task", "sex", "age",
+    report = ev.main(["--backbone", "random:vit_tiny", "--data", str(unknown), "--size", "56", "--workers", "0", "--task", "sex", "age",
                       "--out", str(tmp_path / "r.json")])
     sex, age = report["results"]["random:vit_tiny"]["sex"], report["results"]["random:vit_tiny"]["age"]
     assert sex["dropped"] == 8 and sum(sex["n"].values()) == 32  # images 00000, 00005, ... 00035 lost their sex
@@ -246,3 +252,204 @@ def test_newest_checkpoint_goes_by_modification_time(tmp_path):
         (tmp_path / name).write_bytes(b"")
         os.utime(tmp_path / name, (when, when))
     assert ev.newest_checkpoint(tmp_path) == tmp_path / "b" / "checkpoint_000100.pt"
+
+
+def write_train_checkpoint(path, img_size=56):
+    """A file in train.py's checkpoint format: the teacher's backbone and its ViT arguments."""
+    torch.manual_seed(1)
+    backbone = raddino.build_vit("vit_tiny", img_size=img_size, in_chans=1, depth=2)
+    state = {f"teacher.backbone.{k}": v for k, v in backbone.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"backbone_args": backbone.args, "model": state}, path)
+    return path
+
+
+def test_random_path_is_the_same_architecture_with_seed_0_weights(tmp_path):
+    checkpoint = write_train_checkpoint(tmp_path / "run" / "checkpoint_000010.pt")
+    trained = ev.load_model(str(checkpoint))
+    random = ev.load_model(f"random:{checkpoint}")
+    assert random.args == trained.args and len(random.blocks) == 2
+    assert not torch.equal(random.pos_embed, trained.pos_embed)
+    assert torch.equal(random.pos_embed, ev.load_model(f"random:{checkpoint}").pos_embed)
+    with pytest.raises(ValueError, match="random:nowhere: 'nowhere' is neither an architecture"):
+        ev.load_model("random:nowhere")
+
+
+def test_no_backbone_compares_the_newest_checkpoint_with_its_random_init(phantom_set, tmp_path,
+                                                                         monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = write_train_checkpoint(Path("runs") / "demo" / "checkpoint_000010.pt")
+    report = ev.main(["--data", str(phantom_set), "--task", "knn", "--out", "e/r.json", "--workers", "0"])
+    assert report["backbones"] == [str(checkpoint), f"random:{checkpoint}"]
+    assert report["size"] == 56  # the checkpoint's img_size, not 224
+    assert report["backbone_img_size"] == {spec: 56 for spec in report["backbones"]}
+    assert "56 px (the img_size of runs/demo/checkpoint_000010.pt)" in capsys.readouterr().out
+
+# ===== streamed and chunked against all in memory =====
+
+
+def knn_all_at_once(features, y, split, k=20, temperature=0.07):
+    """DINO's k-NN the obvious way: the whole (n_test, n_train) similarity, one test row at a time."""
+    train = features[split == "train"]
+    train = train / np.linalg.norm(train, axis=1, keepdims=True)
+    test = features[split == "test"]
+    test = test / np.linalg.norm(test, axis=1, keepdims=True)
+    similarity = test @ train.T
+    votes = np.zeros((len(test), int(y.max()) + 1))
+    for row in range(len(test)):
+        nearest = np.argsort(-similarity[row])[:k]
+        weights = np.exp(similarity[row, nearest] / temperature)
+        for j, w in zip(nearest, weights / weights.sum()):
+            votes[row, y[split == "train"][j]] += w
+    return ev.with_ci(ev.CLASSIFICATION, [y[split == "test"], votes])
+
+
+def assert_same_metrics(a, b, tolerance):
+    for name in ("auroc", "auprc", "accuracy"):
+        assert a[name]["value"] == pytest.approx(b[name]["value"], abs=tolerance), name
+        assert a[name]["ci"] == pytest.approx(b[name]["ci"], abs=tolerance), name
+
+
+def test_chunked_knn_and_float32_logistic_match_the_all_in_memory_versions():
+    x, latent, split, _ = planted()
+    y = np.digitize(latent, [-0.5, 0.5])
+    assert_same_metrics(ev.knn_probe(x, y, split, chunk_rows=7), knn_all_at_once(x, y, split), 1e-6)
+    binary = (latent > 0).astype(int)
+    single = ev.logistic_probe(x, binary, split)
+    double = ev.logistic_probe(x, binary, split, dtype=torch.float64)
+    assert single["l2"] == double["l2"]
+    assert_same_metrics(single, double, 1e-3)
+
+
+def test_seg_head_trained_from_files_on_disk_is_the_one_trained_in_memory(tmp_path):
+    rng = np.random.default_rng(0)
+    patch = rng.normal(size=(10, 16, 8)).astype(np.float16)  # (m, N, C)
+    masks = rng.random((10, 8, 8)) < 0.4
+    np.save(tmp_path / "patch.npy", patch)
+    np.save(tmp_path / "masks.npy", masks)
+    on_disk = ev.train_seg_head(ev.RowSubset(ev.NpyRows(tmp_path / "patch.npy"), range(2, 10)),
+                                ev.RowSubset(ev.NpyRows(tmp_path / "masks.npy"), range(2, 10)),
+                                steps=20)
+    in_memory = ev.train_seg_head(torch.tensor(patch[2:]).float(), torch.tensor(masks[2:]),
+                                  steps=20)
+    for a, b in zip(on_disk.state_dict().values(), in_memory.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_streamed_features_match_one_forward_pass(phantom_set, tmp_path):
+    rows = data.read_table(phantom_set)[:10]
+    model = ev.load_model("random:vit_tiny")
+    for block in model.blocks:  # LayerScale 1e-5 would hide the blocks: let them act
+        block.ls1.gamma.data.fill_(0.5)
+        block.ls2.gamma.data.fill_(0.5)
+    features = ev.extract_features(model, rows, 56, patch_rows=[1, 4, 9], seg_blocks=[3, 11],
+                                   patch_file=tmp_path / "patch.npy", batch_size=3)
+    with torch.no_grad():
+        images = ev.load_batch(rows, 56)
+        tokens = model.forward_features(images)
+        layers = model.get_intermediate_layers(images, blocks=[3, 11])
+    torch.testing.assert_close(features["cls"], tokens["cls"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(features["avgpool"], tokens["patch"].mean(1), atol=1e-4, rtol=1e-4)
+    expected = torch.cat([layers[0][0], layers[1][0]], dim=2)[[1, 4, 9]]  # (3, N, 2D)
+    patch = torch.from_numpy(np.load(tmp_path / "patch.npy")).float()
+    assert np.array_equal(ev.NpyRows(tmp_path / "patch.npy")[[2, 0]], np.load(tmp_path / "patch.npy")[[2, 0]])
+    torch.testing.assert_close(patch, expected, atol=1e-2, rtol=1e-2)  # float16 on disk
+    assert features["last4"].shape == (10, 4 * 192)
+
+# ===== what users asked for =====
+
+
+def test_last_cls_attention_is_the_softmax_that_attention_reference_applies():
+    torch.manual_seed(0)
+    model = raddino.build_vit("vit_tiny", img_size=56, in_chans=1, depth=2, num_register_tokens=2)
+    captured = {}
+    model.blocks[-1].norm1.register_forward_hook(lambda m, i, o: captured.update(x=o))
+    images = torch.randn(2, 1, 56, 56)
+    with torch.no_grad():
+        model.forward_features(images)
+        x = captured["x"]
+        qkv = model.blocks[-1].attn.qkv(x).reshape(2, x.shape[1], 3, 3, 64)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4)
+        # Values = the identity: attention_reference then hands back its own weights.
+        identity = torch.eye(x.shape[1]).expand(2, 3, -1, -1)
+        weights = raddino.attention_reference(q, k, identity)[:, :, 0, 3:]  # CLS query, patches
+        attention = model.last_cls_attention(images)
+    assert attention.shape == (2, 3, 16)
+    torch.testing.assert_close(attention, weights)
+
+
+def test_embed_writes_every_row_with_its_id_and_reads_back(phantom_set, tmp_path):
+    out = tmp_path / "r.json"
+    report = ev.main(["--backbone", "random:vit_tiny", "--data", str(phantom_set), "--size", "56",
+                      "--workers", "0", "--task", "embed", "--features", "last4+avgpool",
+                      "--patch-grid", "--out", str(out)])
+    entry = report["results"]["random:vit_tiny"]["embed"]
+    tensors, metadata = weights.read_safetensors(entry["file"], return_metadata=True)
+    rows = data.read_table(phantom_set)
+    assert json.loads(metadata["rows"]) == [str(row["image"]) for row in rows]
+    assert metadata["backbone"] == "random:vit_tiny" and metadata["size"] == "56"
+    assert tensors["cls"].shape == (40, 192) and tensors["features"].shape == (40, 5 * 192)
+    assert tensors["patch"].shape == (40, 16, 192)
+    model = ev.load_model("random:vit_tiny")
+    with torch.no_grad():
+        tokens = model.forward_features(ev.load_batch(rows[5:7], 56))
+    torch.testing.assert_close(tensors["cls"][5:7], tokens["cls"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(tensors["patch"][5:7].float(), tokens["patch"], atol=1e-2, rtol=1e-2)
+    # DINOv2's linear input: the CLS of the last 4 blocks, then the mean patch token
+    torch.testing.assert_close(tensors["features"][:, -192:], tensors["avgpool"])
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--features", "last4+meanpool"])
+
+
+def test_several_labels_give_per_label_results_and_macro_averages(phantom_set, tmp_path):
+    def binary(row):
+        return {**row, "nodule": str(int(row["finding"] == "nodule")),
+                "clear": str(int(row["finding"] == "none"))}
+    table = rewrite(phantom_set / "labels.csv", tmp_path, binary)
+    argv = ["--backbone", "random:vit_tiny", "--data", str(table), "--size", "56", "--workers",
+            "0", "--task", "knn", "--out", str(tmp_path / "r.json")]
+    results = ev.main(argv + ["--label", "nodule", "clear"])["results"]["random:vit_tiny"]
+    macro = results["knn/macro"]
+    expected = np.mean([results["knn/nodule"]["auroc"]["value"],
+                        results["knn/clear"]["auroc"]["value"]])
+    assert macro["auroc"]["value"] == pytest.approx(expected)  # every test row has both labels
+    assert macro["labels"] == ["nodule", "clear"] and len(macro["auprc"]["ci"]) == 2
+    with pytest.raises(ValueError, match="no 'smoker' column"):
+        ev.main(argv + ["--label", "nodule", "smoker"])
+
+
+def test_a_single_class_test_split_says_why_the_metric_is_undefined(phantom_set, tmp_path,
+                                                                    capsys):
+    def one_class_in_test(row):
+        return {**row, "flag": "1" if row["split"] == "test" else str(int(row["sex"] == "M"))}
+    table = rewrite(phantom_set / "labels.csv", tmp_path, one_class_in_test)
+    out = tmp_path / "r.json"
+    ev.main(["--backbone", "random:vit_tiny", "--data", str(table), "--size", "56", "--workers",
+             "0", "--task", "linear", "--label", "flag", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "undefined: test split has only class 1" in printed and "nan [nan" not in printed
+    saved = json.loads(out.read_text())["results"]["random:vit_tiny"]["linear/flag"]
+    assert saved["auroc"]["value"] is None
+    assert saved["auroc"]["undefined"] == "undefined: test split has only class 1"
+    assert "undefined" not in saved["accuracy"]  # accuracy is still defined
+
+
+def test_table_columns_are_as_wide_as_their_contents(capsys):
+    metric = {"value": 0.5, "ci": [0.25, 0.75]}
+    ev.print_table({"a": {"linear/pneumonia_and_more": {"auroc": metric}}})
+    header, line = capsys.readouterr().out.splitlines()
+    assert line == "linear/pneumonia_and_more  auroc   0.500 [0.250, 0.750]"  # "metric" sets 6
+    assert header.split() == ["task", "metric", "a"]
+
+
+def test_the_model_card_gets_an_evaluation_section_once(tmp_path):
+    card = tmp_path / "README.md"
+    card.write_text("# model\n\nintro\n\n## Evaluation\n\nold\n\n## License\n\nMIT\n")
+    metric = {"value": 0.5, "ci": [0.25, 0.75]}
+    for value in (0.5, 0.6):
+        results = {str(tmp_path): {"knn/x": {"auroc": {**metric, "value": value}}}}
+        ev.update_model_card(tmp_path, results, "python eval.py --backbone X")
+    text = card.read_text()
+    assert text.count("## Evaluation") == 1 and "old" not in text and "## License\n\nMIT" in text
+    assert "| knn/x | auroc | 0.600 [0.250, 0.750] |" in text and "0.500 [" not in text
+    assert "`python eval.py --backbone X`" in text
