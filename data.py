@@ -435,11 +435,13 @@ def collate(samples, mask_generator, rng, mask_ratio=(0.1, 0.5), mask_prob=0.5, 
             m = mask_of_slot[crop * batch * world_size + rank * batch + i]
             target = int(mask_generator.n_patches * ratios[m]) if m < n_masked else 0
             masks.append(mask_generator(target, np.random.default_rng(mask_seeds[m])))
-    return {
-        "global": torch.stack([s["global"][c] for c in range(n_global) for s in samples]),
-        "local": torch.stack([s["local"][c] for c in range(n_local) for s in samples]),
-        "masks": torch.from_numpy(np.stack(masks).reshape(len(masks), -1)),  # (2B, h, w) -> (2B, N)
-    }
+    global_crops = torch.stack([s["global"][c] for c in range(n_global) for s in samples])
+    if n_local:
+        local_crops = torch.stack([s["local"][c] for c in range(n_local) for s in samples])
+    else:  # no local crops: an empty batch of them, which StudentTeacher accepts
+        local_crops = global_crops.new_empty((0, *global_crops.shape[1:]))
+    masks = np.stack(masks).reshape(len(masks), -1)  # (2B, h, w) -> (2B, N)
+    return {"global": global_crops, "local": local_crops, "masks": torch.from_numpy(masks)}
 
 # ===== the batches of pretraining, and the loader over them =====
 
@@ -585,8 +587,14 @@ def preprocess(image, size=518, mask=False):
     new_long = int(size * max(height, width) / min(height, width))  # int(), as transformers
     image = ((to_unit(image) > 0.5) * 255).astype(np.uint8) if mask else image
     pil = Image.fromarray(image if image.dtype == np.uint8 else to_unit(image))
-    pil = pil.resize((size, new_long) if width <= height else (new_long, size), Image.NEAREST if mask else Image.BICUBIC)
+    if width <= height:
+        new_size = (size, new_long)  # Pillow sizes are (width, height)
+    else:
+        new_size = (new_long, size)
+    pil = pil.resize(new_size, Image.NEAREST if mask else Image.BICUBIC)
     top = (pil.height - size) // 2
     left = (pil.width - size) // 2
-    pixels = np.asarray(pil, np.float32)[top:top + size, left:left + size] / (255 if image.dtype == np.uint8 else 1)
+    pixels = np.asarray(pil, np.float32)[top:top + size, left:left + size]
+    if image.dtype == np.uint8:
+        pixels = pixels / 255
     return pixels > 0.5 if mask else torch.from_numpy((pixels - MEAN) / STD)[None]

@@ -132,8 +132,9 @@ class Block(nn.Module):
         if ffn == "swiglu":
             self.mlp = SwiGLU(dim, hidden)
         else:  # the plain MLP; GELU exact, not the tanh approximation
-            layers = OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(), fc2=nn.Linear(hidden, dim))
-            self.mlp = nn.Sequential(layers)
+            fc1 = nn.Linear(dim, hidden)
+            fc2 = nn.Linear(hidden, dim)
+            self.mlp = nn.Sequential(OrderedDict(fc1=fc1, act=nn.GELU(), fc2=fc2))
         self.ls2 = LayerScale(dim, layerscale_init)
         self.drop_path_rate = drop_path_rate
 
@@ -235,7 +236,8 @@ class ViT(nn.Module):
         B, _, H, W = x.shape
         if H % self.patch_size or W % self.patch_size:
             # The convolution would drop the border without a word.
-            raise ValueError(f"input {H} x {W} is not a multiple of the patch size {self.patch_size}")
+            raise ValueError(
+                f"input {H} x {W} is not a multiple of the patch size {self.patch_size}")
         x = self.patch_embed(x)  # (B, N, D)
         if masks is not None:
             # The mask token replaces the patch embedding *before* the position embeddings
@@ -254,7 +256,8 @@ class ViT(nn.Module):
         return {"cls": x[:, 0], "reg": x[:, 1:first_patch], "patch": x[:, first_patch:]}
 
     def forward_features(self, x, masks=None):
-        """(B, C, H, W) and bool masks (B, N) or None -> the final-norm tokens, split_tokens' dict."""
+        """(B, C, H, W) and bool masks (B, N) or None -> the final-norm tokens, as
+        split_tokens' dict."""
         x = self.prepare_tokens(x, masks)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
@@ -548,7 +551,8 @@ class StudentTeacher(nn.Module):
                  dino_weight=1.0, koleo_weight=0.1, ibot_weight=1.0):
         super().__init__()
         if centering not in ("centering", "sinkhorn_knopp"):
-            raise ValueError(f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
+            raise ValueError(
+                f"centering must be 'centering' or 'sinkhorn_knopp', got {centering!r}")
         if ibot_out_dim and not separate_ibot_head:
             raise ValueError("ibot_out_dim needs separate_ibot_head: a shared head has one size")
         self.centering = centering
@@ -560,7 +564,8 @@ class StudentTeacher(nn.Module):
         width = backbone.embed_dim
         heads = dict(dino_head=DINOHead(width, out_dim, hidden_dim, bottleneck_dim, head_layers))
         if separate_ibot_head:
-            heads["ibot_head"] = DINOHead(width, ibot_out_dim, hidden_dim, bottleneck_dim, head_layers)
+            heads["ibot_head"] = DINOHead(
+                width, ibot_out_dim, hidden_dim, bottleneck_dim, head_layers)
         self.student = nn.ModuleDict(dict(backbone=backbone, **heads))
         # The teacher starts as an exact copy of the student, with no gradients and no drop
         # path: its outputs are targets, and targets should not be noisy.
@@ -572,7 +577,7 @@ class StudentTeacher(nn.Module):
         self.ibot_center = Center(ibot_out_dim, center_momentum)
 
     def heads(self, network, cls_tokens, patch_tokens):
-        """(CLS logits, patch logits) of one network. With a shared head, one call for all tokens."""
+        """(CLS logits, patch logits) of one network; with a shared head, in one call."""
         if "ibot_head" in network:
             return network.dino_head(cls_tokens), network.ibot_head(patch_tokens)
         logits = network.dino_head(torch.cat([cls_tokens, patch_tokens]))

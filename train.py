@@ -1,6 +1,6 @@
 """RAD-DINO pretraining: DINOv2's student-teacher self-distillation on chest X-rays.
 
-    python train.py                                  # one process: the GPU if there is one, else the CPU
+    python train.py                                  # one process: a GPU if there is one
     python train.py config=configs/rad-dino.yaml data.root=/data/cxr
     torchrun --nproc_per_node=8 train.py config=...  # DDP: NCCL on GPUs, gloo on CPUs
 
@@ -285,7 +285,8 @@ if config["resume"] and checkpoint_paths():
         except Exception as error:
             log(f"WARNING: checkpoint {path} is unreadable ({error}); trying the one before")
     else:
-        raise SystemExit(f"error: no readable checkpoint in {out_dir}; move them away or set resume=false")
+        raise SystemExit(f"error: no readable checkpoint in {out_dir}; "
+                         f"move them away or set resume=false")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     start_step = state["step"]
@@ -363,17 +364,22 @@ skipped = [0] * len(sources)
 warned = False
 window_start = time.time()
 window_images = 0
+window_losses = torch.zeros(len(TERMS), device=device)  # summed over the steps since the last log
+window_steps = 0
 
 
-def log_step(step, losses, diagnostics, scheduled):
-    """Every train.log_every steps: one log line, one metrics.jsonl record, the collapse check."""
-    global warned, window_start, window_images
-    terms = torch.stack([losses[k].detach().float() for k in TERMS])
+def log_step(step, diagnostics, scheduled):
+    """Every train.log_every steps: one log line, one metrics.jsonl record, the collapse check.
+    Losses are the mean over the steps since the last line (one batch alone is noisy);
+    the collapse diagnostics are the last batch's."""
+    global warned, window_start, window_images, window_losses, window_steps
+    terms = window_losses / window_steps
     if distributed:  # averaged over ranks, for the log
         dist.all_reduce(terms)
         terms /= world_size
     terms = dict(zip(TERMS, terms.tolist()))
-    collapse = raddino.collapse_diagnostics(diagnostics["teacher_probs"], diagnostics["student_cls"])
+    collapse = raddino.collapse_diagnostics(
+        diagnostics["teacher_probs"], diagnostics["student_cls"])
     speed = window_images / (time.time() - window_start)
     eta_minutes = (total_steps - step) * global_batch / speed / 60
     if use_cuda:
@@ -407,6 +413,8 @@ def log_step(step, losses, diagnostics, scheduled):
         metrics_file.flush()
     window_start = time.time()
     window_images = 0
+    window_losses = torch.zeros_like(window_losses)
+    window_steps = 0
 
 
 batches = data.PretrainBatches(
@@ -433,7 +441,8 @@ while step < total_steps:
     masks = batch["masks"].to(device, non_blocking=True)
 
     with autocast:
-        losses, diagnostics = train_model(global_crops, local_crops, masks, scheduled["teacher_temp"])
+        losses, diagnostics = train_model(
+            global_crops, local_crops, masks, scheduled["teacher_temp"])
     # One sync per step: stop before a non-finite loss is applied or saved.
     if not torch.isfinite(losses["loss"].detach()):
         bad = ", ".join(f"{k}={float(losses[k])}" for k in TERMS if not torch.isfinite(losses[k]))
@@ -450,9 +459,11 @@ while step < total_steps:
 
     step += 1
     window_images += global_batch
+    window_losses += torch.stack([losses[k].detach().float() for k in TERMS])
+    window_steps += 1
     skipped = [total + new for total, new in zip(skipped, batch["skipped"])]
     if step % config["train.log_every"] == 0 or step == total_steps:
-        log_step(step, losses, diagnostics, scheduled)
+        log_step(step, diagnostics, scheduled)
     if step % config["train.save_every"] == 0 or step == total_steps:
         save_checkpoint(step)
 

@@ -73,13 +73,15 @@ def read_safetensors(path, return_metadata=False):
               f"tensor {name!r}: offsets [{begin}, {end}] outside the {data_size}-byte data")
         needed = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
         check(needed == end - begin,
-              f"tensor {name!r}: shape {shape} of {dtype} needs {needed} bytes, offsets give {end - begin}")
+              f"tensor {name!r}: shape {shape} of {dtype} needs {needed} bytes, "
+              f"offsets give {end - begin}")
         spans.append((begin, end, name))
     # The byte ranges must tile the data: no overlap, no gap, nothing left over.
     position = 0
     for begin, end, name in sorted(spans):
         fault = "overlap" if begin < position else "gap"
-        check(begin == position, f"tensor {name!r} starts at {begin}, expected {position} ({fault})")
+        check(begin == position,
+              f"tensor {name!r} starts at {begin}, expected {position} ({fault})")
         position = end
     check(position == data_size, f"tensors cover {position} of {data_size} data bytes")
     tensors = {}
@@ -233,7 +235,8 @@ def read_weights(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{path}: cannot be read as torch weights with weights_only=True ({error})") from error
+        message = f"{path}: cannot be read as torch weights with weights_only=True ({error})"
+        raise ValueError(message) from error
 
 
 def strip_prefix(state, prefix):
@@ -253,13 +256,14 @@ def load_strict(module, state, source):
     if missing or unexpected or misshaped:
         raise ValueError(
             f"{source}: weights do not fit {type(module).__name__}: "
-            f"missing {len(missing)} {missing[:10]}, unexpected {len(unexpected)} {unexpected[:10]}, "
+            f"missing {len(missing)} {missing[:10]}, "
+            f"unexpected {len(unexpected)} {unexpected[:10]}, "
             f"mis-shaped {len(misshaped)} {misshaped[:10]}")
     module.load_state_dict(state, strict=True)
 
 
 def infer_args(state, config=None):
-    """ViT(...) arguments read off the tensors themselves, refined by config.json if there is one."""
+    """ViT(...) arguments read off the tensors, refined by config.json if there is one."""
     width = state["cls_token"].shape[-1]
     patch_kernel = state["patch_embed.proj.weight"]
     swiglu = "blocks.0.mlp.w12.weight" in state
@@ -283,20 +287,22 @@ def infer_args(state, config=None):
     )
     if config:
         if config.get("layer_norm_eps", 1e-6) != 1e-6 or not config.get("qkv_bias", True):
-            raise ValueError(f"config.json: only layer_norm_eps 1e-6 with qkv_bias is supported, got {config}")
+            raise ValueError(
+                f"config.json: only layer_norm_eps 1e-6 with qkv_bias is supported, got {config}")
         args["num_heads"] = config.get("num_attention_heads", args["num_heads"])
         args["mlp_ratio"] = config.get("mlp_ratio", args["mlp_ratio"])
     return args
 
 
 def backbone_state(path):
-    """(backbone state dict in DINOv2 names, ViT arguments or None) from any supported file or folder."""
+    """(state dict in DINOv2 names, ViT arguments, the file read) from any supported source."""
     path = Path(path)
     config = None
     if path.is_dir():
         for name in ("config.json", "model.safetensors"):
             if not (path / name).exists():
-                raise FileNotFoundError(f"{path}: a Hugging Face folder needs {name}, which is missing")
+                raise FileNotFoundError(
+                    f"{path}: a Hugging Face folder needs {name}, which is missing")
         config = json.loads((path / "config.json").read_text())
         path = path / "model.safetensors"
     state = read_weights(path)

@@ -459,6 +459,12 @@ def test_collate_masks_do_not_depend_on_the_rank_split():
         assert torch.equal(parts[r][:4], whole[4 * r:4 * r + 4])
         assert torch.equal(parts[r][4:], whole[8 + 4 * r:8 + 4 * r + 4])
 
+def test_collate_without_local_crops():
+    multicrop = data.MultiCrop(**{**SMALL, "n_local": 0})
+    batch = [multicrop(gray(64, 64), np.random.default_rng(i)) for i in range(3)]
+    out = data.collate(batch, data.MaskGenerator(16), np.random.default_rng(0))
+    assert out["global"].shape == (6, 1, 32, 32) and out["local"].shape[0] == 0
+
 # ===== the loader =====
 
 def batches(paths, num_workers=0, **kwargs):

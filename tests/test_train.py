@@ -88,7 +88,8 @@ def test_a_short_run_end_to_end(phantom_set, tmp_path):
 def test_schedules_and_parameter_groups(phantom_set, tmp_path):
     out = tmp_path / "run"
     train(tiny_run(phantom_set, out, "train.steps=6", "train.epoch_length=1", "optim.warmup_epochs=2",
-                   "teacher_temp.warmup_epochs=3", "optim.freeze_last_layer_epochs=100", "train.save_every=6"))
+                   "teacher_temp.warmup_epochs=3", "optim.freeze_last_layer_epochs=100", "train.save_every=6",
+                   "teacher_temp.start=0.04", "teacher_temp.end=0.07", "momentum.start=0.992"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     peak = 0.004 * math.sqrt(4 / 1024)
     lrs = [r["lr"] for r in records]
