@@ -1,6 +1,7 @@
 """Heads, losses and the student-teacher step, each against a slow twin written the way the
 papers state it (loops over crops, samples and tokens), or against an invariant."""
 
+import copy
 import math
 import os
 import subprocess
@@ -173,6 +174,17 @@ def test_step_equals_a_per_image_slow_twin(centering, separate_ibot_head):
     assert float(out["loss"]) == pytest.approx(total, rel=1e-5)
 
 
+def test_the_total_weights_each_term():
+    """loss = dino_weight * (dino_local + dino_global) + koleo_weight * koleo + ibot_weight * ibot,
+    with weights that are not 1 (the slow twin runs at DINOv2's 1 / 0.1 / 1)."""
+    step = make_step(koleo_weight=0.3)
+    step.dino_weight, step.ibot_weight = 0.5, 2.0
+    with torch.no_grad():
+        out, _ = step(*make_batch(), teacher_temp=0.07)
+    expected = 0.5 * (out["dino_local"] + out["dino_global"]) + 0.3 * out["koleo"] + 2.0 * out["ibot"]
+    assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-6)
+
+
 def test_gradients_reach_the_student_only():
     step = make_step()
     out, _ = step(*make_batch(), teacher_temp=0.04)
@@ -203,6 +215,49 @@ def test_teacher_starts_as_a_copy_and_follows_the_ema():
     step.update_teacher(0.75)
     for t, s_old in zip(step.teacher.parameters(), student):
         torch.testing.assert_close(t, 0.75 * s_old + 0.25 * (s_old + 2.0))
+
+
+def test_the_teacher_has_no_drop_path_when_the_student_has():
+    """Targets must not be noisy. With the student at drop path 0.5 and everything in train
+    mode, the teacher's outputs are the same on every call and equal its eval-mode outputs,
+    and its exported args say 0. (A student built at rate 0 and changed afterwards, as an
+    older test did, cannot see a teacher that kept the rate.)"""
+    torch.manual_seed(0)
+    backbone = raddino.ViT(img_size=56, in_chans=1, embed_dim=32, depth=2, num_heads=2, layerscale_init=0.5,
+                           drop_path_rate=0.5)
+    step = raddino.StudentTeacher(backbone, out_dim=24, hidden_dim=16, bottleneck_dim=8).train()
+    x = make_batch()[0]
+    teacher = step.teacher.backbone
+    with torch.no_grad():
+        assert not torch.equal(step.student.backbone(x), step.student.backbone(x))  # the student does drop
+        first, second = teacher(x), teacher(x)
+        in_eval = copy.deepcopy(teacher).eval()(x)
+    assert teacher.training
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first, in_eval)
+    assert teacher.args["drop_path_rate"] == 0.0 and step.student.backbone.args["drop_path_rate"] == 0.5
+
+
+def test_the_step_centres_with_earlier_steps_and_then_updates():
+    """Centring through StudentTeacher.forward over two steps, by hand: step 1's targets use
+    the zero centre, then each centre moves 1 - 0.9 of the way to its teacher's mean logits
+    (CLS: both views; patches: the masked ones); step 2's targets use that centre."""
+    step = make_step()
+    global_crops, local_crops, masks = make_batch()
+    with torch.no_grad():
+        t = step.teacher.backbone(global_crops, is_training=True)
+        first_view, second_view = t["cls"].chunk(2)
+        cls_logits = step.teacher.dino_head(torch.cat([second_view, first_view]))
+        patch_logits = step.teacher.dino_head(t["patch"][masks])
+        cls_mean, patch_mean = cls_logits.mean(dim=0), patch_logits.mean(dim=0)
+        _, one = step(global_crops, local_crops, masks, teacher_temp=0.07)
+        torch.testing.assert_close(step.dino_center.center[0], 0.1 * cls_mean)
+        torch.testing.assert_close(step.ibot_center.center[0], 0.1 * patch_mean)
+        _, two = step(global_crops, local_crops, masks, teacher_temp=0.07)
+    torch.testing.assert_close(one["teacher_probs"], softmax_rows(cls_logits / 0.07))
+    torch.testing.assert_close(two["teacher_probs"], softmax_rows((cls_logits - 0.1 * cls_mean) / 0.07))
+    torch.testing.assert_close(step.dino_center.center[0], 0.19 * cls_mean)
+    torch.testing.assert_close(step.ibot_center.center[0], 0.19 * patch_mean)
 
 
 def test_pretrained_head_loads_into_student_and_teacher(tmp_path):

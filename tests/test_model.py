@@ -183,6 +183,20 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, p.grad)
 
 
+def test_drop_path_drops_whole_samples_and_keeps_the_expectation():
+    """Stochastic depth: each sample's branch is kept whole (x 1 / (1 - rate), so the
+    expectation is unchanged) or dropped whole, about rate of them; in eval mode, nothing."""
+    torch.manual_seed(0)
+    x = torch.randn(4000, 5, 3)
+    ratio = raddino.drop_path(x, 0.25, training=True) / x
+    per_sample = ratio[:, :1, :1]
+    torch.testing.assert_close(ratio, per_sample.expand_as(ratio))  # one draw per sample
+    kept = per_sample.flatten() > 0
+    torch.testing.assert_close(per_sample.flatten()[kept], torch.full((int(kept.sum()),), 1 / 0.75))
+    assert float(kept.float().mean()) == pytest.approx(0.75, abs=0.03)
+    assert torch.equal(raddino.drop_path(x, 0.25, training=False), x)
+
+
 def test_inputs_must_be_a_multiple_of_the_patch_size():
     with pytest.raises(ValueError, match="multiple of the patch size 14"):
         tiny()(torch.randn(1, 3, 56, 60))

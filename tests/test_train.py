@@ -125,6 +125,47 @@ def test_schedules_and_parameter_groups(phantom_set, tmp_path):
     assert len(by_name) == sum(1 for _ in raddino.build_vit("vit_tiny").parameters()) + 8  # + the head's tensors
     # Prototypes frozen (lr 0) while everything else moves.
     assert by_name["dino_head.last_layer.weight_g"]["lr"] == 0.0 and by_name["dino_head.mlp.0.weight"]["lr"] > 0
+    # The loop multiplies each group's multipliers into the step's scheduled values.
+    for name in ("backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight", *no_decay):
+        assert by_name[name]["lr"] == pytest.approx(records[-1]["lr"] * by_name[name]["lr_mult"]), name
+        assert by_name[name]["weight_decay"] == pytest.approx(records[-1]["wd"] * by_name[name]["wd_mult"]), name
+    assert not any(by_name[n]["weight_decay"] for n in no_decay)
+
+
+def test_one_step_clips_each_network_and_moves_the_teacher_by_the_ema(phantom_set, tmp_path):
+    """One step from known weights, by hand. AdamW's first step moves each weight by
+    lr * g / (|g| + eps); clipped to a norm of 1e-11, every |g| is far below eps = 1e-8 (AdamW's
+    default), so each network's step has norm lr * lr_mult * 1e-11 / eps, within 1%: the
+    backbone's and the head's each, if they are clipped separately (DINOv2), and less if
+    clipped together; without clipping, ~lr per weight. Then the teacher, at momentum 0.5,
+    lands halfway between its start and the student. Multipliers are 1 (layer_decay 1,
+    patch_embed_lr_mult 1, prototypes not frozen) except the one-channel kernel's x3."""
+    torch.manual_seed(1)
+    backbone = raddino.build_vit("vit_tiny", img_size=56, in_chans=1, layerscale_init=0.1)
+    head = raddino.DINOHead(192, out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    torch.save(backbone.state_dict(), tmp_path / "backbone.pth")
+    torch.save({"dino_head." + k: v for k, v in head.state_dict().items()}, tmp_path / "head.pth")
+    out = tmp_path / "run"
+    clip, eps = 1e-11, 1e-8
+    train(tiny_run(phantom_set, out, "train.steps=1", f"init.backbone={tmp_path / 'backbone.pth'}",
+                   f"init.head={tmp_path / 'head.pth'}", "optim.base_lr=16000.0", "optim.warmup_epochs=0",
+                   "optim.clip_grad=1.0e-11", "optim.layer_decay=1.0", "optim.patch_embed_lr_mult=1.0",
+                   "optim.freeze_last_layer_epochs=0", "optim.weight_decay=0.0", "optim.weight_decay_end=0.0",
+                   "momentum.start=0.5", "momentum.end=0.5", "model.drop_path=0.0"))
+    lr = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["lr"]
+    assert lr == pytest.approx(16000 * math.sqrt(4 / 1024))  # 1000
+    model = student_state(out)["model"]
+    start = {"backbone": backbone.state_dict(), "dino_head": head.state_dict()}
+    for network, initial in start.items():
+        squares = 0.0
+        for name, value in initial.items():
+            moved = model[f"student.{network}.{name}"] - value
+            if name == "patch_embed.proj.weight":
+                moved = moved / 3
+            squares += float(moved.double().square().sum())
+            teacher = model[f"teacher.{network}.{name}"]
+            torch.testing.assert_close(teacher, 0.5 * value + 0.5 * model[f"student.{network}.{name}"])
+        assert math.sqrt(squares) == pytest.approx(lr * clip / eps, rel=1e-2), network
 
 
 def test_resume_after_sigkill_is_bitwise_identical(phantom_set, tmp_path):
