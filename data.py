@@ -362,7 +362,7 @@ class MultiCrop:
 
 # ===== iBOT block masks =====
 class MaskGenerator:
-    """BEiT-style block masks on a patch grid, exactly as REFERENCE.md "Masking" states.
+    """BEiT-style block masks on a patch grid (BEiT, section 2.5; DINOv2 dinov2/data/masking.py).
     Rectangles of 4 .. max_fraction x grid patches, aspect log-uniform in [min_aspect,
     1 / min_aspect], are added until the target is met or a placement fails. A block counts
     only if it adds between 1 and the remaining number of patches, so a mask never exceeds

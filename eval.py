@@ -912,11 +912,12 @@ def print_table(results):
         print(f"{task:<{task_width}}  {name:<{name_width}}{values}")
 
 
-def update_model_card(folder, results, command):
-    """train.py's export folder has a model card (README.md): give it an "## Evaluation"
-    section with these results and the command, replacing the one a previous run wrote."""
+def update_model_card(folder, results, command, data_name="data"):
+    """train.py's export folder has a model card (README.md): its "## Evaluation" section
+    gets a "### <data>" part with these results and the command. A part for the same data
+    is replaced; parts for other data sets stay."""
     card = Path(folder) / "README.md"
-    lines = ["## Evaluation", "", f"`{command}`", "", "| probe | metric | " +
+    lines = [f"### {data_name}", "", f"`{command}`", "", "| probe | metric | " +
              " | ".join(results) + " |", "|---|---|" + "---|" * len(results)]
     rows = {}
     for spec, tasks in results.items():
@@ -927,16 +928,23 @@ def update_model_card(folder, results, command):
     for (task, name), cells in rows.items():
         values = " | ".join(cells.get(spec, "-") for spec in results)
         lines.append(f"| {task} | {name} | {values} |")
-    section = "\n".join(lines) + "\n"
+    part = "\n".join(lines) + "\n"
     text = card.read_text()
     start = text.find("\n## Evaluation\n")
     if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
+        before = text.rstrip("\n") + "\n"
+        parts = []
+        rest = ""
     else:
         following = text.find("\n## ", start + 1)  # the next section, if any, stays
         rest = "" if following < 0 else "\n" + text[following + 1:]
-        text = text[:start + 1] + section + rest
-    weights.atomic_write_text(card, text)
+        before = text[:start + 1]
+        section = text[start + 1:] if following < 0 else text[start + 1:following + 1]
+        # The parts a run wrote before, one per data set; anything else there goes.
+        parts = ["### " + p.rstrip("\n") + "\n" for p in section.split("\n### ")[1:]]
+        parts = [p for p in parts if not p.startswith(f"### {data_name}\n")]
+    section = "\n".join(["## Evaluation\n", *parts, part])
+    weights.atomic_write_text(card, before + "\n" + section + rest)
     return card
 
 
@@ -1098,7 +1106,8 @@ def main(argv=None):
     print(f"wrote {args.out}")
     for spec in args.backbone:
         if Path(spec).is_dir() and (Path(spec) / "README.md").is_file():
-            print(f"updated the model card {update_model_card(spec, results, command)}")
+            card = update_model_card(spec, results, command, data_name=str(args.data))
+            print(f"updated the model card {card}")
     return report
 
 

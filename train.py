@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -129,7 +130,8 @@ if master:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 gpu_name = f" ({torch.cuda.get_device_name(device)})" if use_cuda else ""
-log(f"RAD-DINO pretraining | code {code_version()} | torch {torch.__version__} "
+code = code_version()  # once: a run keeps the version it started with
+log(f"RAD-DINO pretraining | code {code} | torch {torch.__version__} "
     f"| python {platform.python_version()}")
 log(f"device {device}{gpu_name} | world size {world_size} | precision {precision} "
     f"| compile {compile_networks}")
@@ -311,7 +313,7 @@ def save_checkpoint(step):
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "rng": all_rng, "history": history, "config": config,
-             "backbone_args": backbone.args, "code": code_version()}
+             "backbone_args": backbone.args, "code": code}
     path = out_dir / f"checkpoint_{step:07d}.pt"
     weights.atomic_write(path, lambda f: torch.save(state, f))
     for old in checkpoint_paths()[:-config["train.keep_checkpoints"]]:
@@ -473,11 +475,12 @@ while step < total_steps:
 def model_card():
     """README.md of the export: the hub's convention for saying what a model is."""
     a = backbone.args
-    data_lines = "\n".join(f"- `{s['name']}`: {len(s['paths'])} images, weight {s['weight']:g}"
+    data_lines = "\n".join(f"  - `{s['name']}`: {len(s['paths'])} images, weight {s['weight']:g}"
                            for s in sources)
-    command = " ".join(["python train.py", *sys.argv[1:]])
+    launcher = ["python"]
     if distributed:
-        command = f"torchrun --nproc_per_node={world_size} train.py {' '.join(sys.argv[1:])}"
+        launcher = ["torchrun", f"--nproc_per_node={world_size}"]
+    command = shlex.join([*launcher, "train.py", *sys.argv[1:]])
     return f"""---
 library_name: transformers
 tags: [rad-dino, dinov2, chest-x-ray, self-supervised]
@@ -486,17 +489,17 @@ tags: [rad-dino, dinov2, chest-x-ray, self-supervised]
 
 A Vision Transformer pretrained with DINOv2's self-supervised objective (DINO + iBOT +
 KoLeo) on chest X-rays alone, no text and no labels, by this repository's `train.py`
-(code version `{code_version()}`). The exported network is the EMA teacher's backbone.
+(code version `{code}`). The exported network is the EMA teacher's backbone.
 
-- Architecture: ViT, patch {a['patch_size']}, width {a['embed_dim']}, {a['depth']} blocks,
-  {a['num_heads']} heads, {a['num_register_tokens']} register tokens, {n_params / 1e6:.1f}M
-  parameters; trained on one channel, exported with 3 equal channels.
-- Input: `preprocessor_config.json` (rad-dino's processor at {a['img_size']} px: shorter side
-  to {a['img_size']}, bicubic, centre crop, x/255, mean {weights.RAD_DINO_MEAN},
-  std {weights.RAD_DINO_STD}).
-- Training: {step} steps of {global_batch} images ({world_size} process(es) x
-  {config['train.batch_size']}), {2 + config['crops.n_local']} crops per image
-  ({global_size} px global, {config['crops.local_size']} px local).
+- Architecture: ViT, patch {a['patch_size']}, width {a['embed_dim']}, {a['depth']} blocks, \
+{a['num_heads']} heads, {a['num_register_tokens']} register tokens, \
+{n_params / 1e6:.1f}M parameters; trained on one channel, exported with 3 equal channels.
+- Input: `preprocessor_config.json`, rad-dino's processor at {a['img_size']} px: shorter \
+side to {a['img_size']}, bicubic, centre crop, x/255, mean {weights.RAD_DINO_MEAN}, \
+std {weights.RAD_DINO_STD}.
+- Training: {step} steps of {global_batch} images ({world_size} x \
+{config['train.batch_size']} per process), {2 + config['crops.n_local']} crops per image \
+({global_size} px global, {config['crops.local_size']} px local).
 - Data:
 {data_lines}
 

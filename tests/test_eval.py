@@ -453,3 +453,10 @@ def test_the_model_card_gets_an_evaluation_section_once(tmp_path):
     assert text.count("## Evaluation") == 1 and "old" not in text and "## License\n\nMIT" in text
     assert "| knn/x | auroc | 0.600 [0.250, 0.750] |" in text and "0.500 [" not in text
     assert "`python eval.py --backbone X`" in text
+    # Another data set gets its own part; the first stays.
+    results = {str(tmp_path): {"seg": {"dice": {**metric, "value": 0.7}}}}
+    ev.update_model_card(tmp_path, results, "python eval.py --data other", data_name="other")
+    text = card.read_text()
+    assert "### data\n" in text and "### other\n" in text and text.count("## Evaluation") == 1
+    assert "| knn/x | auroc | 0.600" in text and "| seg | dice | 0.700" in text
+    assert text.rstrip().endswith("MIT")

@@ -118,7 +118,7 @@ def make_batch(B=3, n_local=2, seed=0):
 @pytest.mark.parametrize("separate_ibot_head", [False, True])
 def test_step_equals_a_per_image_slow_twin(centering, separate_ibot_head):
     """Every crop through the networks one image at a time, the losses assembled by the
-    formulas of REFERENCE.md; the batched step must agree."""
+    formulas of the DINO, iBOT and DINOv2 papers; the batched step must agree."""
     step = make_step(centering, separate_ibot_head)
     B, n_local = 3, 2
     global_crops, local_crops, masks = make_batch(B, n_local)
