@@ -446,6 +446,11 @@ def collate(samples, mask_generator, rng, mask_ratio=(0.1, 0.5), mask_prob=0.5, 
 # ===== the batches of pretraining, and the loader over them =====
 
 
+def draws_in_an_epoch(source):
+    """round(weight x the source's size), at least 1."""
+    return max(1, round(source["weight"] * len(source["paths"])))
+
+
 def epoch_order(sources, seed, epoch):
     """The (source, image) pairs drawn in one epoch, shuffled: a pure function of (seed,
     epoch). Source s gives count = round(weight x its size) draws an epoch (at least 1),
@@ -456,7 +461,7 @@ def epoch_order(sources, seed, epoch):
     draws = []
     for s, source in enumerate(sources):
         n = len(source["paths"])
-        count = max(1, round(source["weight"] * n))
+        count = draws_in_an_epoch(source)
         start = epoch * count  # where this epoch starts on the chain
         cycles = range(start // n, (start + count - 1) // n + 1)  # the permutations it meets
         chain = [np.random.default_rng([seed, _PERMUTATION, s, c]).permutation(n) for c in cycles]
@@ -500,7 +505,7 @@ class PretrainBatches(torch.utils.data.Dataset):
         self.mask_prob = mask_prob
         self.cached_epoch = None
         self.cached_order = None
-        draws_per_epoch = len(epoch_order(sources, seed, 0))
+        draws_per_epoch = sum(draws_in_an_epoch(source) for source in sources)
         global_batch = batch_size * world_size
         self.steps_per_epoch = draws_per_epoch // global_batch  # the tail is dropped
         if self.steps_per_epoch == 0:
