@@ -529,4 +529,7 @@ if master:
     log(f"evaluate it: python eval.py --backbone {export_dir} "
         f"--backbone random:{export_dir}")
 if distributed:
+    # Every rank waits for rank 0's export: a rank that tears its gloo group down while
+    # rank 0 is still connected can abort ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
