@@ -404,8 +404,10 @@ def log_step(step, diagnostics, scheduled):
         per_source = ", ".join(f"{n} in {s['name']}" for n, s in zip(skipped, sources) if n)
         line += f" | skipped files: {per_source}"
     log(line)
-    temp_warmup_done = step > config["teacher_temp.warmup_epochs"] * epoch_length
-    if temp_warmup_done and raddino.looks_collapsed(collapse) and not warned:
+    # Judged once the teacher's temperature has stopped moving (at once when it is constant)
+    temp_settled = (config["teacher_temp.start"] == config["teacher_temp.end"]
+                    or step > config["teacher_temp.warmup_epochs"] * epoch_length)
+    if temp_settled and raddino.looks_collapsed(collapse) and not warned:
         warned = True  # said once
         log("WARNING: the outputs look collapsed (teacher near-uniform, one prototype for every "
             "image, or all CLS embeddings alike). Check the learning rate, teacher temperature "

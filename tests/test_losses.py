@@ -294,3 +294,28 @@ def test_two_processes_give_the_targets_of_one(tmp_path):
             torch.testing.assert_close(ranks[r][i]["centred"], probs[rows])
             torch.testing.assert_close(ranks[r][i]["center"], center.center)
             torch.testing.assert_close(ranks[r][i]["sinkhorn"], sinkhorn[rows])
+
+
+def test_collapse_diagnostics_tell_the_two_collapses_apart():
+    """Entropy of the targets over log K, entropy of their batch mean in nats, and the spread
+    of the CLS tokens, against values known in closed form."""
+    k, b = 16, 8
+    spread_cls = torch.randn(b, 64)
+    uniform = raddino.collapse_diagnostics(torch.full((b, k), 1 / k), spread_cls)
+    assert uniform["teacher_entropy"] == pytest.approx(1.0)
+    assert uniform["teacher_batch_entropy"] == pytest.approx(math.log(k))
+    one_prototype = raddino.collapse_diagnostics(F.one_hot(torch.full((b,), 3), k).float(), spread_cls)
+    assert one_prototype["teacher_entropy"] == pytest.approx(0.0)
+    assert one_prototype["teacher_batch_entropy"] == pytest.approx(0.0)
+    own_prototypes = F.one_hot(torch.arange(b), k).float()
+    healthy = raddino.collapse_diagnostics(own_prototypes, spread_cls)
+    assert healthy["teacher_batch_entropy"] == pytest.approx(math.log(b))
+    assert 0.7 < healthy["cls_spread"] < 1.3  # random directions
+    alike = raddino.collapse_diagnostics(own_prototypes, spread_cls[:1].expand(b, -1) * 3)
+    assert alike["cls_spread"] == pytest.approx(0.0, abs=1e-6)
+    assert not raddino.looks_collapsed(healthy)
+    for collapsed in (uniform, one_prototype, alike):
+        assert raddino.looks_collapsed(collapsed)
+    # Near-uniform targets are collapse too: a run at 0.96 log K has learned nothing.
+    assert raddino.looks_collapsed({**healthy, "teacher_entropy": 0.96})
+    assert not raddino.looks_collapsed({**healthy, "teacher_entropy": 0.9})

@@ -85,6 +85,19 @@ def test_a_short_run_end_to_end(phantom_set, tmp_path):
     assert "python eval.py --backbone" in log
 
 
+def test_a_uniform_teacher_is_warned_of_once_its_temperature_is_settled(phantom_set, tmp_path):
+    """A teacher at temperature 100 is uniform. With a constant temperature the warning comes
+    at once; during a warm-up it waits, since a warming teacher is meant to be soft."""
+    warning = "WARNING: the outputs look collapsed"
+    hot = ["train.steps=2", "train.epoch_length=1", "train.save_every=100"]
+    result = train(tiny_run(phantom_set, tmp_path / "constant", *hot, "teacher_temp.start=100.0",
+                            "teacher_temp.end=100.0"))
+    assert result.stdout.count(warning) == 1
+    result = train(tiny_run(phantom_set, tmp_path / "warming", *hot, "teacher_temp.start=100.0",
+                            "teacher_temp.end=101.0", "teacher_temp.warmup_epochs=30"))
+    assert warning not in result.stdout
+
+
 def test_schedules_and_parameter_groups(phantom_set, tmp_path):
     out = tmp_path / "run"
     train(tiny_run(phantom_set, out, "train.steps=6", "train.epoch_length=1", "optim.warmup_epochs=2",
