@@ -74,6 +74,12 @@ def check_type(key, value, default, source):
     """An int where the default is a float becomes a float; any other change of type is an error."""
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(default, float) and isinstance(value, str):
+        # YAML 1.1 reads 5e-4 (no dot) as a string; Python reads it as the float it is.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     allowed = FLEXIBLE_TYPES.get(key, (type(default),))
     if type(value) in allowed:
         return value

@@ -54,8 +54,12 @@ def student_state(out_dir):
 def test_unknown_keys_and_wrong_types_are_clear_errors(tmp_path):
     result = train(["train.batchsize=8"], check=False)
     assert result.returncode != 0 and "train.batchsize" in result.stderr and "train.batch_size" in result.stderr
-    result = train(["train.steps=ten"], check=False)
+    # 5e-4 is a float to Python, a string to YAML 1.1: accepted, so only train.steps is wrong.
+    result = train(["optim.min_lr=5e-4", "train.steps=ten"], check=False)
     assert result.returncode != 0 and "train.steps" in result.stderr and "int" in result.stderr
+    assert "min_lr" not in result.stderr
+    result = train(["optim.min_lr=tiny"], check=False)
+    assert result.returncode != 0 and "optim.min_lr" in result.stderr and "float" in result.stderr
     (tmp_path / "other.yaml").write_text("crops.n_local: 4\nloss.koleo_wieght: 0.0\n")
     result = train([f"config={tmp_path / 'other.yaml'}"], check=False)
     assert result.returncode != 0 and "loss.koleo_wieght" in result.stderr and "other.yaml" in result.stderr
