@@ -1,7 +1,8 @@
 """Benchmarks, one subcommand each:
 
     python bench.py augment [--n 200] [--size 518] [--workdir DIR]
-    python bench.py train [--arch vit_base] [--batch 64] [--global-size 224] [--local-size 98] [--n-local 8]
+    python bench.py train [--arch vit_base] [--batch 64] [--global-size 224] [--local-size 98]
+                          [--n-local 8]
     python bench.py gpu      # on a CUDA machine: the whole GPU road, one table, ~8 minutes
     python bench.py eval [--rows 1000 4000 16000] [--arch vit_tiny] [--size 56] [--workers 1]
 
@@ -29,7 +30,8 @@ with its options in main().
 import os
 import sys
 
-if sys.argv[1:2] == ["augment"]:  # one thread everywhere, set before numpy and torch load their pools
+# one thread everywhere, set before numpy and torch load their pools
+if sys.argv[1:2] == ["augment"]:
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = "1"
 
@@ -158,7 +160,8 @@ def vit_flops(args, tokens, with_patch_embed=True):
     D, depth, hidden = args["embed_dim"], args["depth"], args["embed_dim"] * args["mlp_ratio"]
     # Multiply-adds per token: qkv + proj, the MLP (SwiGLU: 2/3 of the width, rounded up to 8, three
     # matrices), QK^T and AV; the outer 2 turns them into FLOPs.
-    mlp = 3 * D * ((int(hidden * 2 / 3) + 7) // 8 * 8) if args["ffn"] == "swiglu" else 2 * D * hidden
+    mlp = (3 * D * ((int(hidden * 2 / 3) + 7) // 8 * 8) if args["ffn"] == "swiglu"
+           else 2 * D * hidden)
     per_token = depth * 2 * (4 * D * D + mlp + 2 * tokens * D)
     return tokens * per_token + (tokens - 1) * 2 * args["in_chans"] * args["patch_size"] ** 2 * D
 
@@ -167,7 +170,8 @@ def head_flops(in_dim, hidden, bottleneck, out_dim):
     return 2 * (in_dim * hidden + hidden * hidden + hidden * bottleneck + bottleneck * out_dim)
 
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
+                    "4090": 165.0}
 
 
 def measure_train_step(arch="vit_base", batch=64, global_size=224, local_size=98, n_local=8,
@@ -286,7 +290,8 @@ def gpu(args):
     table at the end; each part runs in its own process, so one failure does not hide the
     rest."""
     if not torch.cuda.is_available():
-        raise SystemExit("bench.py gpu needs a CUDA GPU; on the CPU run `bench.py train --device cpu`")
+        raise SystemExit("bench.py gpu needs a CUDA GPU; on the CPU run "
+                         "`bench.py train --device cpu`")
     n_gpus = torch.cuda.device_count()
     here = Path(__file__).resolve().parent
     rows = []
@@ -294,7 +299,8 @@ def gpu(args):
     def run(name, command, timeout):
         start = time.time()
         try:
-            result = subprocess.run(command, cwd=here, capture_output=True, text=True, timeout=timeout)
+            result = subprocess.run(command, cwd=here, capture_output=True, text=True,
+                                    timeout=timeout)
             ok = result.returncode == 0
             output = result.stdout + result.stderr
         except subprocess.TimeoutExpired as error:
@@ -427,7 +433,8 @@ def main():
     command.add_argument("--steps", type=int, default=20)
     command.add_argument("--warmup", type=int, default=5)
     command.add_argument("--device", default="auto", choices=["auto", "cpu"])
-    command.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak, if not known here")
+    command.add_argument("--peak-tflops", type=float,
+                         help="the card's dense bf16 peak, if not known here")
     command.set_defaults(run=train_step)
     command = commands.add_parser("gpu", help="the GPU road in one command: CUDA tests, MFU, "
                                   "518-px memory, torchrun train.py")

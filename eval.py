@@ -54,7 +54,8 @@ def average_ranks(x):
     # The tie groups of the sorted values: where each starts, and how long it is.
     _, first, counts = np.unique(x[order], return_index=True, return_counts=True)
     ranks = np.empty(len(x))
-    # A group at 0-based places first .. first + c - 1 has the mean 1-based rank first + (c + 1) / 2.
+    # A group at 0-based places first .. first + c - 1 has the mean 1-based rank
+    # first + (c + 1) / 2.
     ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
     return ranks
 

@@ -34,9 +34,11 @@ def one_thread():
 # ===== metrics =====
 
 def auroc_pairs(positive, score):
-    """The definition: over every (positive, negative) pair, 1 if the positive scores higher, 1/2 on a tie."""
+    """The definition: over every (positive, negative) pair, 1 if the positive scores higher, 1/2
+    on a tie."""
     pos, neg = score[positive], score[~positive]
-    return np.mean([1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg)])
+    return np.mean([1.0 if p > n else 0.5 if p == n else 0.0
+                    for p, n in itertools.product(pos, neg)])
 
 
 def auprc_steps(positive, score):
@@ -60,7 +62,8 @@ def test_hand_worked_metrics():
     assert np.isnan(ev.auroc([1, 1], [0.2, 0.3]))  # no negatives: undefined, not 1
     # Ranked 1, 0, 1: precision 1 at recall 1/2, then 2/3 at recall 1.
     assert ev.auprc([1, 0, 1], [0.9, 0.8, 0.7]) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
-    assert ev.auprc([1, 0, 1], [0.9, 0.9, 0.9]) == pytest.approx(2 / 3)  # one threshold: the base rate
+    # one threshold: the base rate
+    assert ev.auprc([1, 0, 1], [0.9, 0.9, 0.9]) == pytest.approx(2 / 3)
     pred = np.zeros((2, 4, 4), bool)
     true = np.zeros((2, 4, 4), bool)
     pred[0, :2], true[0, 1:3] = True, True  # 8 and 8 pixels, 4 shared
@@ -68,7 +71,8 @@ def test_hand_worked_metrics():
     assert dice.tolist() == [0.5, 1.0] and iou.tolist() == [4 / 12, 1.0]  # image 2: both empty
     y = np.array([1.0, 2.0, 3.0, 4.0])
     r2 = ev.REGRESSION["r2"]
-    assert r2(y, y) == 1 and r2(y, np.full(4, 2.5)) == 0 and r2(y, y + 1) == pytest.approx(1 - 4 / 5)
+    assert (r2(y, y) == 1 and r2(y, np.full(4, 2.5)) == 0
+            and r2(y, y + 1) == pytest.approx(1 - 4 / 5))
     assert ev.pearson(y, 3 * y - 7) == pytest.approx(1) and ev.pearson(y, -y) == pytest.approx(-1)
 
 
@@ -88,10 +92,12 @@ def test_auroc_and_auprc_match_their_slow_twins(seed):
 
 def test_macro_metrics_skip_classes_absent_from_the_test_set():
     rng = np.random.default_rng(0)
-    y, prob = np.array([0, 0, 1, 1, 0, 1]), rng.dirichlet(np.ones(3), size=6)  # class 2 never occurs
+    # class 2 never occurs
+    y, prob = np.array([0, 0, 1, 1, 0, 1]), rng.dirichlet(np.ones(3), size=6)
     expected = np.mean([ev.auroc(y == c, prob[:, c]) for c in (0, 1)])
     assert ev.CLASSIFICATION["auroc"](y, prob) == pytest.approx(expected)
-    assert ev.CLASSIFICATION["auroc"](y, prob[:, :2]) == ev.auroc(y == 1, prob[:, 1])  # binary: class 1
+    # binary: class 1
+    assert ev.CLASSIFICATION["auroc"](y, prob[:, :2]) == ev.auroc(y == 1, prob[:, 1])
 
 
 def test_bootstrap_interval_brackets_the_value_and_is_reproducible():
@@ -100,7 +106,8 @@ def test_bootstrap_interval_brackets_the_value_and_is_reproducible():
     score = y + rng.normal(size=80)
     first = ev.with_ci({"auroc": ev.auroc}, [y, score])["auroc"]
     assert first == ev.with_ci({"auroc": ev.auroc}, [y, score])["auroc"]
-    assert first["ci"][0] < first["value"] < first["ci"][1] and first["ci"][1] - first["ci"][0] < 0.4
+    assert (first["ci"][0] < first["value"] < first["ci"][1]
+            and first["ci"][1] - first["ci"][0] < 0.4)
 
 # ===== probes =====
 
@@ -121,7 +128,8 @@ def test_logistic_probe_finds_a_planted_signal_and_not_noise():
     assert chance["l2"] >= found["l2"]  # noise should want at least as much regularisation
     three = np.digitize(latent, [-0.5, 0.5])  # three classes from the same latent
     multi = ev.logistic_probe(x, three, split)
-    assert multi["accuracy"]["value"] > 0.6 and multi["auroc"]["value"] > 0.85  # chance: 1/3 and 0.5
+    assert (multi["accuracy"]["value"] > 0.6
+            and multi["auroc"]["value"] > 0.85)  # chance: 1/3 and 0.5
 
 
 def test_knn_probe_votes_with_the_nearest_train_images():
@@ -129,14 +137,16 @@ def test_knn_probe_votes_with_the_nearest_train_images():
     y = (latent > 0).astype(int)
     clustered = x + 4 * np.eye(x.shape[1])[y]  # each class pushed along its own axis
     assert ev.knn_probe(clustered, y, split)["accuracy"]["value"] > 0.9
-    assert 0.3 < ev.knn_probe(x, (rng.random(len(x)) < 0.5).astype(int), split)["auroc"]["value"] < 0.7
+    assert 0.3 < ev.knn_probe(x, (rng.random(len(x)) < 0.5).astype(int),
+                              split)["auroc"]["value"] < 0.7
 
 
 def test_ridge_probe_recovers_a_linear_target_and_shrinks_on_noise():
     x, latent, split, rng = planted()
     age = 50 + 10 * latent
     found = ev.ridge_probe(x, age, split)
-    assert found["r2"]["value"] > 0.8 and found["pearson"]["value"] > 0.9 and found["mae"]["value"] < 4
+    assert (found["r2"]["value"] > 0.8 and found["pearson"]["value"] > 0.9
+            and found["mae"]["value"] < 4)
     noise = ev.ridge_probe(x, rng.normal(size=len(x)), split)
     # Pure noise: val should push alpha far above the clean case's, and R^2 should stay near 0.
     assert noise["alpha"] >= 100 * found["alpha"] and noise["r2"]["value"] < 0.1
@@ -148,10 +158,12 @@ def test_ridge_matches_the_normal_equations():
     z = ev.standardize(x, train)
     # One alpha in the grid makes the selection trivial; the SVD form must equal (X'X + aI)^-1 X'y.
     target = latent * 3 + 1
-    w = np.linalg.solve(z[train].T @ z[train] + 10 * np.eye(8), z[train].T @ (target[train] - target[train].mean()))
+    w = np.linalg.solve(z[train].T @ z[train] + 10 * np.eye(8),
+                        z[train].T @ (target[train] - target[train].mean()))
     expected = z[split == "test"] @ w + target[train].mean()
     result = ev.ridge_probe(x, target, split, alpha_grid=(10.0,))
-    assert result["mae"]["value"] == pytest.approx(np.mean(np.abs(expected - target[split == "test"])))
+    assert result["mae"]["value"] == pytest.approx(
+        np.mean(np.abs(expected - target[split == "test"])))
 
 
 def test_seg_head_learns_a_mask_from_features_that_carry_it():
@@ -190,13 +202,18 @@ def phantom_set(tmp_path_factory):
 
 def test_cli_end_to_end_and_the_cache(phantom_set, tmp_path, capsys):
     out = tmp_path / "eval" / "results.json"
-    argv = ["--backbone", "random:vit_tiny", "--data", str(phantom_set), "--size", "56", "--workers", "0", "--out", str(out)]
+    argv = ["--backbone", "random:vit_tiny", "--data", str(phantom_set), "--size", "56",
+            "--workers", "0", "--out", str(out)]
     report = ev.main(argv + ["--task", "all", "--label", "finding"])
     results = report["results"]["random:vit_tiny"]
-    assert set(results) == {"linear/finding", "knn/finding", "seg", "age", "sex", "pca", "attention"}
-    assert set(results["linear/finding"]) >= {"auroc", "auprc", "accuracy", "l2", "n", "classes", "dropped"}
-    assert set(results["linear/finding"]["classes"]) <= set(phantoms.FINDINGS) and results["sex"]["classes"] == ["F", "M"]
-    assert results["seg"]["n"] == {"train": 24, "test": 8} and 0 <= results["seg"]["dice"]["value"] <= 1
+    assert set(results) == {"linear/finding", "knn/finding", "seg", "age", "sex", "pca",
+                            "attention"}
+    assert set(results["linear/finding"]) >= {"auroc", "auprc", "accuracy", "l2", "n", "classes",
+                                              "dropped"}
+    assert (set(results["linear/finding"]["classes"]) <= set(phantoms.FINDINGS)
+            and results["sex"]["classes"] == ["F", "M"])
+    assert (results["seg"]["n"] == {"train": 24, "test": 8}
+            and 0 <= results["seg"]["dice"]["value"] <= 1)
     assert Path(results["pca"]["png"]).is_file() and Image.open(results["seg"]["png"]).size[1] == 56
     saved = out.read_text()
     assert '"auroc"' in saved and "NaN" not in saved and "random:vit_tiny" in saved
@@ -205,7 +222,8 @@ def test_cli_end_to_end_and_the_cache(phantom_set, tmp_path, capsys):
     cache, = out.parent.glob("features-*.pt")
     stamp = cache.stat().st_mtime_ns
     again = ev.main(argv + ["--task", "linear", "--label", "finding"])
-    assert "features from the cache" in capsys.readouterr().out and cache.stat().st_mtime_ns == stamp
+    assert ("features from the cache" in capsys.readouterr().out
+            and cache.stat().st_mtime_ns == stamp)
     assert again["results"]["random:vit_tiny"]["linear/finding"] == results["linear/finding"]
 
 
@@ -224,30 +242,38 @@ def rewrite(table, out_dir, change):
 
 
 def test_missing_columns_and_splits_are_named(phantom_set, tmp_path):
-    argv = ["--backbone", "random:vit_tiny", "--size", "56", "--workers", "0", "--out", str(tmp_path / "r.json")]
+    argv = ["--backbone", "random:vit_tiny", "--size", "56", "--workers", "0", "--out",
+            str(tmp_path / "r.json")]
     with pytest.raises(ValueError, match=r"labels\.csv: no 'smoker' column"):
         ev.main(argv + ["--data", str(phantom_set), "--label", "smoker"])
-    no_val = rewrite(phantom_set / "labels.csv", tmp_path, lambda row: {**row, "split": row["split"].replace("val", "train")})
+    no_val = rewrite(phantom_set / "labels.csv", tmp_path,
+                     lambda row: {**row, "split": row["split"].replace("val", "train")})
     with pytest.raises(ValueError, match=r"labels\.csv: .*split 'val'"):
         ev.main(argv + ["--data", str(no_val), "--task", "linear"])
     assert not list(tmp_path.glob("features-*.pt"))  # both failed before any feature was computed
     with pytest.raises(ValueError, match="task 'seg' needs a 'mask' column"):
-        ev.main(argv + ["--data", str(rewrite(phantom_set / "labels.csv", tmp_path, lambda row: {**row, "mask": ""})),
+        ev.main(argv + ["--data", str(rewrite(phantom_set / "labels.csv", tmp_path,
+                                              lambda row: {**row, "mask": ""})),
                         "--task", "seg"])
 
 
 def test_rows_without_a_label_are_dropped_and_counted(phantom_set, tmp_path):
-    unknown = rewrite(phantom_set / "labels.csv", tmp_path, lambda row: {**row, "sex": "" if row["image"][-5] in "05" else row["sex"]})
-    report = ev.main(["--backbone", "random:vit_tiny", "--data", str(unknown), "--size", "56", "--workers", "0", "--task", "sex", "age",
+    unknown = rewrite(phantom_set / "labels.csv", tmp_path,
+                      lambda row: {**row, "sex": "" if row["image"][-5] in "05" else row["sex"]})
+    report = ev.main(["--backbone", "random:vit_tiny", "--data", str(unknown), "--size", "56",
+                      "--workers", "0", "--task", "sex", "age",
                       "--out", str(tmp_path / "r.json")])
-    sex, age = report["results"]["random:vit_tiny"]["sex"], report["results"]["random:vit_tiny"]["age"]
-    assert sex["dropped"] == 8 and sum(sex["n"].values()) == 32  # images 00000, 00005, ... 00035 lost their sex
+    sex, age = (report["results"]["random:vit_tiny"]["sex"],
+                report["results"]["random:vit_tiny"]["age"])
+    # images 00000, 00005, ... 00035 lost their sex
+    assert sex["dropped"] == 8 and sum(sex["n"].values()) == 32
     assert age["dropped"] == 0 and sum(age["n"].values()) == 40
 
 
 def test_newest_checkpoint_goes_by_modification_time(tmp_path):
     assert ev.newest_checkpoint(tmp_path) is None
-    for name, when in (("a/checkpoint_000900.pt", 300), ("b/checkpoint_000100.pt", 500), ("c/other.pt", 900)):
+    for name, when in (("a/checkpoint_000900.pt", 300), ("b/checkpoint_000100.pt", 500),
+                       ("c/other.pt", 900)):
         (tmp_path / name).parent.mkdir()
         (tmp_path / name).write_bytes(b"")
         os.utime(tmp_path / name, (when, when))
@@ -279,7 +305,8 @@ def test_no_backbone_compares_the_newest_checkpoint_with_its_random_init(phantom
                                                                          monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     checkpoint = write_train_checkpoint(Path("runs") / "demo" / "checkpoint_000010.pt")
-    report = ev.main(["--data", str(phantom_set), "--task", "knn", "--out", "e/r.json", "--workers", "0"])
+    report = ev.main(["--data", str(phantom_set), "--task", "knn", "--out", "e/r.json",
+                      "--workers", "0"])
     assert report["backbones"] == [str(checkpoint), f"random:{checkpoint}"]
     assert report["size"] == 56  # the checkpoint's img_size, not 224
     assert report["backbone_img_size"] == {spec: 56 for spec in report["backbones"]}
@@ -289,7 +316,8 @@ def test_no_backbone_compares_the_newest_checkpoint_with_its_random_init(phantom
 
 
 def knn_all_at_once(features, y, split, k=20, temperature=0.07):
-    """DINO's k-NN the obvious way: the whole (n_test, n_train) similarity, one test row at a time."""
+    """DINO's k-NN the obvious way: the whole (n_test, n_train) similarity, one test row at a
+    time."""
     train = features[split == "train"]
     train = train / np.linalg.norm(train, axis=1, keepdims=True)
     test = features[split == "test"]
@@ -352,7 +380,8 @@ def test_streamed_features_match_one_forward_pass(phantom_set, tmp_path):
     torch.testing.assert_close(features["avgpool"], tokens["patch"].mean(1), atol=1e-4, rtol=1e-4)
     expected = torch.cat([layers[0][0], layers[1][0]], dim=2)[[1, 4, 9]]  # (3, N, 2D)
     patch = torch.from_numpy(np.load(tmp_path / "patch.npy")).float()
-    assert np.array_equal(ev.NpyRows(tmp_path / "patch.npy")[[2, 0]], np.load(tmp_path / "patch.npy")[[2, 0]])
+    assert np.array_equal(ev.NpyRows(tmp_path / "patch.npy")[[2, 0]],
+                          np.load(tmp_path / "patch.npy")[[2, 0]])
     torch.testing.assert_close(patch, expected, atol=1e-2, rtol=1e-2)  # float16 on disk
     assert features["last4"].shape == (10, 4 * 192)
 

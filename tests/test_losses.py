@@ -28,13 +28,15 @@ def test_dino_loss_equals_its_slow_twin():
     g = torch.Generator().manual_seed(0)
     students = [torch.randn(4, 9, generator=g) for _ in range(3)]
     teachers = [softmax_rows(torch.randn(4, 9, generator=g) / 0.3) for _ in range(2)]
-    assert float(raddino.dino_loss(students, teachers)) == pytest.approx(raddino.dino_loss_reference(students, teachers), rel=1e-6)
+    assert float(raddino.dino_loss(students, teachers)) == pytest.approx(
+        raddino.dino_loss_reference(students, teachers), rel=1e-6)
 
 
 def test_cross_entropy_against_a_uniform_teacher_is_log_k():
     K = 1000
     uniform = torch.full((5, K), 1.0 / K)
-    assert float(raddino.dino_loss([torch.zeros(5, K)], [uniform])) == pytest.approx(math.log(K), rel=1e-6)
+    assert float(raddino.dino_loss([torch.zeros(5, K)], [uniform])) == pytest.approx(
+        math.log(K), rel=1e-6)
     # Any non-uniform student pays more (Gibbs' inequality).
     assert float(raddino.dino_loss([torch.randn(5, K)], [uniform])) > math.log(K)
 
@@ -62,7 +64,8 @@ def test_koleo_equals_its_slow_twin_and_survives_duplicates_and_bf16():
 def test_sinkhorn_knopp_equals_its_slow_twin_and_normalises():
     logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(3))
     Q = raddino.sinkhorn_knopp(logits, teacher_temp=0.5)
-    torch.testing.assert_close(Q, raddino.sinkhorn_knopp_reference(logits, 0.5, 3).float(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(Q, raddino.sinkhorn_knopp_reference(logits, 0.5, 3).float(),
+                               rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(Q.sum(dim=1), torch.ones(6))  # each sample: a distribution
     # With enough iterations every prototype carries B / K of the mass.
     Q = raddino.sinkhorn_knopp(logits, teacher_temp=0.5, n_iterations=200)
@@ -83,14 +86,16 @@ def test_centre_uses_only_earlier_steps():
 
 def test_dino_head_is_weight_normalised_with_dinov2_names():
     head = raddino.DINOHead(16, out_dim=10, hidden_dim=12, bottleneck_dim=8)
-    assert list(head.state_dict()) == ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight",
-                                       "mlp.4.bias", "last_layer.weight_g", "last_layer.weight_v"]
+    assert list(head.state_dict()) == ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias",
+                                       "mlp.4.weight", "mlp.4.bias", "last_layer.weight_g",
+                                       "last_layer.weight_v"]
     x = torch.randn(5, 16)
     with torch.no_grad():
         head.last_layer.weight_g.uniform_(0.5, 2.0)
     z = F.normalize(head.mlp(x), dim=-1)
     v, g = head.last_layer.weight_v, head.last_layer.weight_g
-    expected = torch.stack([torch.stack([g[k, 0] * (z[b] @ v[k]) / v[k].norm() for k in range(10)]) for b in range(5)])
+    expected = torch.stack([torch.stack([g[k, 0] * (z[b] @ v[k]) / v[k].norm() for k in range(10)])
+                            for b in range(5)])
     torch.testing.assert_close(head(x), expected)
     # The prototypes' scale lives in g alone: rescaling v changes nothing.
     with torch.no_grad():
@@ -102,16 +107,19 @@ def test_dino_head_is_weight_normalised_with_dinov2_names():
 
 def make_step(centering="centering", separate_ibot_head=False, koleo_weight=0.1, seed=0):
     torch.manual_seed(seed)
-    backbone = raddino.ViT(img_size=56, patch_size=14, in_chans=1, embed_dim=32, depth=2, num_heads=2, layerscale_init=0.5)
-    return raddino.StudentTeacher(backbone, out_dim=24, hidden_dim=16, bottleneck_dim=8, centering=centering,
-                                  separate_ibot_head=separate_ibot_head, koleo_weight=koleo_weight)
+    backbone = raddino.ViT(img_size=56, patch_size=14, in_chans=1, embed_dim=32, depth=2,
+                           num_heads=2, layerscale_init=0.5)
+    return raddino.StudentTeacher(backbone, out_dim=24, hidden_dim=16, bottleneck_dim=8,
+                                  centering=centering, separate_ibot_head=separate_ibot_head,
+                                  koleo_weight=koleo_weight)
 
 
 def make_batch(B=3, n_local=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     masks = torch.rand(2 * B, 16, generator=g) < 0.3
     masks[::2] = False  # half the global crops unmasked
-    return torch.randn(2 * B, 1, 56, 56, generator=g), torch.randn(n_local * B, 1, 28, 28, generator=g), masks
+    return (torch.randn(2 * B, 1, 56, 56, generator=g),
+            torch.randn(n_local * B, 1, 28, 28, generator=g), masks)
 
 
 @pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
@@ -126,7 +134,8 @@ def test_step_equals_a_per_image_slow_twin(centering, separate_ibot_head):
         out, _ = step(global_crops, local_crops, masks, teacher_temp=0.07)
     S, T = step.student, step.teacher
     ibot_head = lambda m: m["ibot_head"] if separate_ibot_head else m["dino_head"]  # noqa: E731
-    teacher_cls, teacher_patches, student_cls, student_patches, student_local, backbone_cls = {}, {}, {}, {}, {}, {}
+    (teacher_cls, teacher_patches, student_cls, student_patches, student_local,
+     backbone_cls) = {}, {}, {}, {}, {}, {}
     with torch.no_grad():
         for c in range(2):
             for b in range(B):
@@ -140,7 +149,8 @@ def test_step_equals_a_per_image_slow_twin(centering, separate_ibot_head):
                 student_patches[c, b] = ibot_head(S)(s["patch"][0, masks[i]])
         for l in range(n_local):
             for b in range(B):
-                student_local[l, b] = S["dino_head"](S["backbone"](local_crops[l * B + b:l * B + b + 1]))[0]
+                student_local[l, b] = S["dino_head"](
+                    S["backbone"](local_crops[l * B + b:l * B + b + 1]))[0]
 
     # Teacher targets: centring starts from a zero centre; Sinkhorn normalises over the batch.
     if centering == "centering":
@@ -159,13 +169,16 @@ def test_step_equals_a_per_image_slow_twin(centering, separate_ibot_head):
 
     ce = lambda t, s: raddino.cross_entropy_reference(t, s, 0.1)  # noqa: E731
     n_terms = 2 * n_local + 2
-    local = sum(ce(target[c, b], student_local[l, b]) / B for l in range(n_local) for c in range(2) for b in range(B))
+    local = sum(ce(target[c, b], student_local[l, b]) / B
+                for l in range(n_local) for c in range(2) for b in range(B))
     # Each student global crop meets the teacher's *other* global crop.
     glob = sum(ce(target[1 - c, b], student_cls[c, b]) / B for c in range(2) for b in range(B))
     ibot = sum(ce(patch_target[c, b][j], student_patches[c, b][j]) / len(student_patches[c, b])
-               for c in range(2) for b in range(B) for j in range(len(student_patches[c, b]))) / (2 * B)
+               for c in range(2) for b in range(B)
+               for j in range(len(student_patches[c, b]))) / (2 * B)
     # KoLeo within each global crop's batch of (pre-head) CLS embeddings.
-    koleo = sum(raddino.koleo_loss_reference(torch.stack([backbone_cls[c, b] for b in range(B)])) for c in range(2))
+    koleo = sum(raddino.koleo_loss_reference(torch.stack([backbone_cls[c, b] for b in range(B)]))
+                for c in range(2))
     assert float(out["dino_local"]) == pytest.approx(local / n_terms, rel=1e-5)
     assert float(out["dino_global"]) == pytest.approx(glob / n_terms, rel=1e-5)
     assert float(out["ibot"]) == pytest.approx(ibot, rel=1e-5)
@@ -181,7 +194,8 @@ def test_the_total_weights_each_term():
     step.dino_weight, step.ibot_weight = 0.5, 2.0
     with torch.no_grad():
         out, _ = step(*make_batch(), teacher_temp=0.07)
-    expected = 0.5 * (out["dino_local"] + out["dino_global"]) + 0.3 * out["koleo"] + 2.0 * out["ibot"]
+    expected = (0.5 * (out["dino_local"] + out["dino_global"]) + 0.3 * out["koleo"]
+                + 2.0 * out["ibot"])
     assert float(out["loss"]) == pytest.approx(float(expected), rel=1e-6)
 
 
@@ -197,7 +211,8 @@ def test_teacher_starts_as_a_copy_and_follows_the_ema():
     step = make_step()
     step.student.backbone.blocks[0].drop_path_rate = 0.3
     step_copy = make_step()
-    assert all(torch.equal(a, b) for a, b in zip(step.teacher.parameters(), step.student.parameters()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(step.teacher.parameters(), step.student.parameters()))
     assert all(block.drop_path_rate == 0.0 for block in step_copy.teacher.backbone.blocks)
     with torch.no_grad():
         for p in step.student.parameters():
@@ -206,7 +221,8 @@ def test_teacher_starts_as_a_copy_and_follows_the_ema():
     step.update_teacher(1.0)
     assert all(torch.equal(a, b) for a, b in zip(before, step.teacher.parameters()))
     step.update_teacher(0.0)
-    assert all(torch.equal(a, b) for a, b in zip(step.teacher.parameters(), step.student.parameters()))
+    assert all(torch.equal(a, b)
+               for a, b in zip(step.teacher.parameters(), step.student.parameters()))
     step.update_teacher(0.0)  # now equal: a further EMA step keeps them equal
     student = [p.clone() for p in step.student.parameters()]
     with torch.no_grad():
@@ -223,19 +239,21 @@ def test_the_teacher_has_no_drop_path_when_the_student_has():
     and its exported args say 0. (A student built at rate 0 and changed afterwards, as an
     older test did, cannot see a teacher that kept the rate.)"""
     torch.manual_seed(0)
-    backbone = raddino.ViT(img_size=56, in_chans=1, embed_dim=32, depth=2, num_heads=2, layerscale_init=0.5,
-                           drop_path_rate=0.5)
+    backbone = raddino.ViT(img_size=56, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+                           layerscale_init=0.5, drop_path_rate=0.5)
     step = raddino.StudentTeacher(backbone, out_dim=24, hidden_dim=16, bottleneck_dim=8).train()
     x = make_batch()[0]
     teacher = step.teacher.backbone
     with torch.no_grad():
-        assert not torch.equal(step.student.backbone(x), step.student.backbone(x))  # the student does drop
+        # the student does drop
+        assert not torch.equal(step.student.backbone(x), step.student.backbone(x))
         first, second = teacher(x), teacher(x)
         in_eval = copy.deepcopy(teacher).eval()(x)
     assert teacher.training
     assert torch.equal(first, second)
     torch.testing.assert_close(first, in_eval)
-    assert teacher.args["drop_path_rate"] == 0.0 and step.student.backbone.args["drop_path_rate"] == 0.5
+    assert (teacher.args["drop_path_rate"] == 0.0
+            and step.student.backbone.args["drop_path_rate"] == 0.5)
 
 
 def test_the_step_centres_with_earlier_steps_and_then_updates():
@@ -255,7 +273,8 @@ def test_the_step_centres_with_earlier_steps_and_then_updates():
         torch.testing.assert_close(step.ibot_center.center[0], 0.1 * patch_mean)
         _, two = step(global_crops, local_crops, masks, teacher_temp=0.07)
     torch.testing.assert_close(one["teacher_probs"], softmax_rows(cls_logits / 0.07))
-    torch.testing.assert_close(two["teacher_probs"], softmax_rows((cls_logits - 0.1 * cls_mean) / 0.07))
+    torch.testing.assert_close(two["teacher_probs"],
+                               softmax_rows((cls_logits - 0.1 * cls_mean) / 0.07))
     torch.testing.assert_close(step.dino_center.center[0], 0.19 * cls_mean)
     torch.testing.assert_close(step.ibot_center.center[0], 0.19 * patch_mean)
 
@@ -266,7 +285,8 @@ def test_pretrained_head_loads_into_student_and_teacher(tmp_path):
     torch.save({"dino_head." + k: v for k, v in head.state_dict().items()}, tmp_path / "head.pth")
     weights.load_head(step, tmp_path / "head.pth")
     for module in (step.student.dino_head, step.teacher.dino_head):
-        assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), head.state_dict().values()))
+        assert all(torch.equal(a, b)
+                   for a, b in zip(module.state_dict().values(), head.state_dict().values()))
     torch.save({"mlp.0.weight": torch.zeros(3)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="bad.pth"):
         weights.load_head(step, tmp_path / "bad.pth")
@@ -276,8 +296,9 @@ def test_two_processes_give_the_targets_of_one(tmp_path):
     """Centring and Sinkhorn-Knopp under a 2-process gloo group equal one process on the
     concatenated batch, even with uneven numbers of rows per rank (masked patches)."""
     script = ROOT / "tests" / "distributed_targets.py"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script), str(tmp_path)], capture_output=True, text=True, timeout=240, cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(script), str(tmp_path)],
+                            capture_output=True, text=True, timeout=240, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     sys.path.insert(0, str(script.parent))
@@ -304,7 +325,8 @@ def test_collapse_diagnostics_tell_the_two_collapses_apart():
     uniform = raddino.collapse_diagnostics(torch.full((b, k), 1 / k), spread_cls)
     assert uniform["teacher_entropy"] == pytest.approx(1.0)
     assert uniform["teacher_batch_entropy"] == pytest.approx(math.log(k))
-    one_prototype = raddino.collapse_diagnostics(F.one_hot(torch.full((b,), 3), k).float(), spread_cls)
+    one_prototype = raddino.collapse_diagnostics(F.one_hot(torch.full((b,), 3), k).float(),
+                                                 spread_cls)
     assert one_prototype["teacher_entropy"] == pytest.approx(0.0)
     assert one_prototype["teacher_batch_entropy"] == pytest.approx(0.0)
     own_prototypes = F.one_hot(torch.arange(b), k).float()

@@ -29,18 +29,21 @@ def hub_state_dict(depth, dim, grid, patch=14, registers=0, mlp_hidden=None):
     """A state dict laid out the way DINOv2's hub .pth files are, written from the published
     key list (not from our model), with random values."""
     mlp_hidden = mlp_hidden or 4 * dim
-    shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, grid * grid + 1, dim), "mask_token": (1, dim),
-              "patch_embed.proj.weight": (dim, 3, patch, patch), "patch_embed.proj.bias": (dim,)}
+    shapes = {"cls_token": (1, 1, dim), "pos_embed": (1, grid * grid + 1, dim),
+              "mask_token": (1, dim), "patch_embed.proj.weight": (dim, 3, patch, patch),
+              "patch_embed.proj.bias": (dim,)}
     if registers:
         shapes["register_tokens"] = (1, registers, dim)
     for i in range(depth):
         b = f"blocks.{i}."
         shapes.update({b + "norm1.weight": (dim,), b + "norm1.bias": (dim,),
                        b + "attn.qkv.weight": (3 * dim, dim), b + "attn.qkv.bias": (3 * dim,),
-                       b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,), b + "ls1.gamma": (dim,),
+                       b + "attn.proj.weight": (dim, dim), b + "attn.proj.bias": (dim,),
+                       b + "ls1.gamma": (dim,),
                        b + "norm2.weight": (dim,), b + "norm2.bias": (dim,),
                        b + "mlp.fc1.weight": (mlp_hidden, dim), b + "mlp.fc1.bias": (mlp_hidden,),
-                       b + "mlp.fc2.weight": (dim, mlp_hidden), b + "mlp.fc2.bias": (dim,), b + "ls2.gamma": (dim,)})
+                       b + "mlp.fc2.weight": (dim, mlp_hidden), b + "mlp.fc2.bias": (dim,),
+                       b + "ls2.gamma": (dim,)})
     shapes.update({"norm.weight": (dim,), "norm.bias": (dim,)})
     g = torch.Generator().manual_seed(1)
     return {k: torch.randn(s, generator=g) * 0.05 for k, s in shapes.items()}
@@ -55,7 +58,8 @@ def test_vit_base_518_has_dinov2_hub_keys_and_parameter_count():
     assert len(state) == 175
     assert sum(v.numel() for v in state.values()) == 86_580_480
     assert set(state) == set(expected)
-    assert {k: tuple(v.shape) for k, v in state.items()} == {k: tuple(v.shape) for k, v in expected.items()}
+    assert ({k: tuple(v.shape) for k, v in state.items()}
+            == {k: tuple(v.shape) for k, v in expected.items()})
     assert list(state)[:3] == ["cls_token", "pos_embed", "mask_token"]
 
 
@@ -64,7 +68,8 @@ def test_presets_match_dinov2_widths():
                                       "vit_large": (1024, 24, 16)}.items():
         a = raddino.ARCHS[arch]
         assert (a["embed_dim"], a["depth"], a["num_heads"]) == (dim, depth, heads)
-    # ViT-g/14's SwiGLU keeps (int(6144 * 2 / 3) + 7) // 8 * 8 = 4096 hidden units (w12 holds two of them).
+    # ViT-g/14's SwiGLU keeps (int(6144 * 2 / 3) + 7) // 8 * 8 = 4096 hidden units (w12 holds two
+    # of them).
     ffn = raddino.SwiGLU(1536, 6144)
     assert ffn.w12.weight.shape == (8192, 1536) and ffn.w3.weight.shape == (1536, 4096)
     with pytest.raises(ValueError, match="vit_hugeee"):
@@ -116,10 +121,12 @@ def test_interpolation_with_offset_matches_a_written_out_bicubic():
     stored = model.pos_embed[0, 1:].detach().reshape(16, 16, -1).double().numpy()
     for gh, gw in [(7, 7), (13, 9), (37, 37)]:
         got = model.interpolate_pos_embed(gh, gw)[0].detach().double().numpy()
-        Wh, Ww = bicubic_1d_matrix(16, gh, (gh + 0.1) / 16), bicubic_1d_matrix(16, gw, (gw + 0.1) / 16)
+        Wh, Ww = (bicubic_1d_matrix(16, gh, (gh + 0.1) / 16),
+                  bicubic_1d_matrix(16, gw, (gw + 0.1) / 16))
         expected = np.einsum("hi,wj,ijd->hwd", Wh, Ww, stored).reshape(gh * gw, -1)
         np.testing.assert_allclose(got[1:], expected, atol=1e-5)
-        np.testing.assert_array_equal(got[0], model.pos_embed[0, 0].detach().numpy())  # CLS untouched
+        np.testing.assert_array_equal(got[0],
+                                      model.pos_embed[0, 0].detach().numpy())  # CLS untouched
     assert model.interpolate_pos_embed(16, 16) is model.pos_embed  # stored grid: no interpolation
 
 
@@ -127,8 +134,8 @@ def test_interpolation_without_offset_uses_the_target_size():
     model = tiny(img_size=224, interpolate_offset=0.0)
     stored = model.pos_embed[0, 1:].detach().reshape(16, 16, -1).double().numpy()
     got = model.interpolate_pos_embed(7, 12)[0, 1:].detach().double().numpy()
-    expected = np.einsum("hi,wj,ijd->hwd", bicubic_1d_matrix(16, 7, 7 / 16), bicubic_1d_matrix(16, 12, 12 / 16),
-                         stored).reshape(84, -1)
+    expected = np.einsum("hi,wj,ijd->hwd", bicubic_1d_matrix(16, 7, 7 / 16),
+                         bicubic_1d_matrix(16, 12, 12 / 16), stored).reshape(84, -1)
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
@@ -162,7 +169,8 @@ def test_outputs_and_intermediate_layers():
     model = tiny(depth=4)
     x = torch.randn(3, 3, 56, 70)
     out = model.forward_features(x)
-    assert out["cls"].shape == (3, 64) and out["patch"].shape == (3, 20, 64) and out["reg"].shape == (3, 0, 64)
+    assert (out["cls"].shape == (3, 64) and out["patch"].shape == (3, 20, 64)
+            and out["reg"].shape == (3, 0, 64))
     torch.testing.assert_close(model(x), out["cls"])
     layers = model.get_intermediate_layers(x, n=3)
     assert len(layers) == 3 and layers[-1][0].shape == (3, 20, 64)

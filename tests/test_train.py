@@ -30,15 +30,15 @@ def phantom_set(tmp_path_factory):
 
 def tiny_run(phantom_set, out_dir, *extra):
     """A run small enough for CI: ViT-Ti on 56-px global / 28-px local crops, a small head."""
-    return [f"out_dir={out_dir}", f"data.root={phantom_set}", "data.workers=0", "model.arch=vit_tiny",
-            "crops.global_size=56", "crops.local_size=28", "crops.n_local=2", "train.batch_size=4",
-            "head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16", "compile=false", "train.log_every=1",
-            *extra]
+    return [f"out_dir={out_dir}", f"data.root={phantom_set}", "data.workers=0",
+            "model.arch=vit_tiny", "crops.global_size=56", "crops.local_size=28", "crops.n_local=2",
+            "train.batch_size=4", "head.out_dim=64", "head.hidden_dim=32", "head.bottleneck_dim=16",
+            "compile=false", "train.log_every=1", *extra]
 
 
 def train(args, launcher=(sys.executable,), timeout=300, check=True):
-    result = subprocess.run([*launcher, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                            timeout=timeout, cwd=ROOT, env=ENV)
+    result = subprocess.run([*launcher, str(ROOT / "train.py"), *args], capture_output=True,
+                            text=True, timeout=timeout, cwd=ROOT, env=ENV)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -53,7 +53,8 @@ def student_state(out_dir):
 
 def test_unknown_keys_and_wrong_types_are_clear_errors(tmp_path):
     result = train(["train.batchsize=8"], check=False)
-    assert result.returncode != 0 and "train.batchsize" in result.stderr and "train.batch_size" in result.stderr
+    assert (result.returncode != 0 and "train.batchsize" in result.stderr
+            and "train.batch_size" in result.stderr)
     # 5e-4 is a float to Python, a string to YAML 1.1: accepted, so only train.steps is wrong.
     result = train(["optim.min_lr=5e-4", "train.steps=ten"], check=False)
     assert result.returncode != 0 and "train.steps" in result.stderr and "int" in result.stderr
@@ -62,20 +63,24 @@ def test_unknown_keys_and_wrong_types_are_clear_errors(tmp_path):
     assert result.returncode != 0 and "optim.min_lr" in result.stderr and "float" in result.stderr
     (tmp_path / "other.yaml").write_text("crops.n_local: 4\nloss.koleo_wieght: 0.0\n")
     result = train([f"config={tmp_path / 'other.yaml'}"], check=False)
-    assert result.returncode != 0 and "loss.koleo_wieght" in result.stderr and "other.yaml" in result.stderr
+    assert (result.returncode != 0 and "loss.koleo_wieght" in result.stderr
+            and "other.yaml" in result.stderr)
 
 
 def test_a_short_run_end_to_end(phantom_set, tmp_path):
     out = tmp_path / "run"
-    (tmp_path / "extra.yaml").write_text("optim.base_lr: 1\n")  # an int where a float is expected is fine
-    result = train(tiny_run(phantom_set, out, f"config={tmp_path / 'extra.yaml'}", "train.steps=3", "train.save_every=2",
-                            "train.epoch_length=1"))
+    # an int where a float is expected is fine
+    (tmp_path / "extra.yaml").write_text("optim.base_lr: 1\n")
+    result = train(tiny_run(phantom_set, out, f"config={tmp_path / 'extra.yaml'}", "train.steps=3",
+                            "train.save_every=2", "train.epoch_length=1"))
     log = result.stdout
-    assert "torch " + torch.__version__ in log and "world size 1" in log and "crops.n_local: 2" in log
+    assert ("torch " + torch.__version__ in log and "world size 1" in log
+            and "crops.n_local: 2" in log)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in records)
-    assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == ["checkpoint_0000002.pt", "checkpoint_0000003.pt"]
+    assert (sorted(p.name for p in out.glob("checkpoint_*.pt"))
+            == ["checkpoint_0000002.pt", "checkpoint_0000003.pt"])
     assert (out / "loss.png").stat().st_size > 0 and (out / "config.yaml").exists()
     state = student_state(out)
     assert state["config"]["optim.base_lr"] == 1.0 and state["step"] == 3
@@ -104,27 +109,33 @@ def test_a_uniform_teacher_is_warned_of_once_its_temperature_is_settled(phantom_
 
 def test_schedules_and_parameter_groups(phantom_set, tmp_path):
     out = tmp_path / "run"
-    train(tiny_run(phantom_set, out, "train.steps=6", "train.epoch_length=1", "optim.warmup_epochs=2",
-                   "teacher_temp.warmup_epochs=3", "optim.freeze_last_layer_epochs=100", "train.save_every=6",
+    train(tiny_run(phantom_set, out, "train.steps=6", "train.epoch_length=1",
+                   "optim.warmup_epochs=2", "teacher_temp.warmup_epochs=3",
+                   "optim.freeze_last_layer_epochs=100", "train.save_every=6",
                    "teacher_temp.start=0.04", "teacher_temp.end=0.07", "momentum.start=0.992"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     peak = 0.004 * math.sqrt(4 / 1024)
     lrs = [r["lr"] for r in records]
-    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(peak / 2) and lrs[2] == pytest.approx(peak)  # warm-up, then peak
+    assert (lrs[0] == 0.0 and lrs[1] == pytest.approx(peak / 2)
+            and lrs[2] == pytest.approx(peak))  # warm-up, then peak
     assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 1e-6  # cosine towards min_lr
-    assert records[0]["wd"] == pytest.approx(0.04) and records[0]["momentum"] == pytest.approx(0.992)
+    assert (records[0]["wd"] == pytest.approx(0.04)
+            and records[0]["momentum"] == pytest.approx(0.992))
     assert [r["teacher_temp"] for r in records[:4]] == pytest.approx([0.04, 0.05, 0.06, 0.07])
     assert records[-1]["teacher_temp"] == 0.07
     # At step 5 of 6 the cosines are one sixth of a half-period from their ends.
-    assert records[-1]["wd"] == pytest.approx(0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * 5 / 6)))
-    assert records[-1]["momentum"] == pytest.approx(1.0 + 0.5 * (0.992 - 1.0) * (1 + math.cos(math.pi * 5 / 6)))
+    assert records[-1]["wd"] == pytest.approx(
+        0.4 + 0.5 * (0.04 - 0.4) * (1 + math.cos(math.pi * 5 / 6)))
+    assert records[-1]["momentum"] == pytest.approx(
+        1.0 + 0.5 * (0.992 - 1.0) * (1 + math.cos(math.pi * 5 / 6)))
 
     groups = student_state(out)["optimizer"]["param_groups"]
     by_name = {name: g for g in groups for name in g["names"]}
     depth = 12
     assert by_name["backbone.blocks.0.attn.qkv.weight"]["lr_mult"] == pytest.approx(0.9 ** depth)
     assert by_name["backbone.blocks.11.mlp.fc1.weight"]["lr_mult"] == pytest.approx(0.9)
-    assert by_name["backbone.norm.weight"]["lr_mult"] == 1.0 and by_name["dino_head.mlp.0.weight"]["lr_mult"] == 1.0
+    assert (by_name["backbone.norm.weight"]["lr_mult"] == 1.0
+            and by_name["dino_head.mlp.0.weight"]["lr_mult"] == 1.0)
     for token in ("pos_embed", "cls_token", "mask_token"):
         assert by_name[f"backbone.{token}"]["lr_mult"] == pytest.approx(0.9 ** (depth + 1))
         assert by_name[f"backbone.{token}"]["wd_mult"] == 1.0
@@ -132,20 +143,27 @@ def test_schedules_and_parameter_groups(phantom_set, tmp_path):
     patch_kernel = by_name["backbone.patch_embed.proj.weight"]
     assert patch_kernel["lr_mult"] == pytest.approx(3 * 0.2 * 0.9 ** (depth + 1))
     assert patch_kernel["wd_mult"] == pytest.approx(1 / 3)
-    assert by_name["backbone.patch_embed.proj.bias"]["lr_mult"] == pytest.approx(0.2 * 0.9 ** (depth + 1))
-    no_decay = ["backbone.blocks.3.attn.qkv.bias", "backbone.blocks.3.norm1.weight", "backbone.blocks.3.ls1.gamma",
-                "backbone.norm.bias", "dino_head.mlp.0.bias"]
+    assert by_name["backbone.patch_embed.proj.bias"]["lr_mult"] == pytest.approx(
+        0.2 * 0.9 ** (depth + 1))
+    no_decay = ["backbone.blocks.3.attn.qkv.bias", "backbone.blocks.3.norm1.weight",
+                "backbone.blocks.3.ls1.gamma", "backbone.norm.bias", "dino_head.mlp.0.bias"]
     assert not any(by_name[n]["wd_mult"] for n in no_decay)
     assert by_name["dino_head.last_layer.weight_v"]["wd_mult"] == 1.0
     assert by_name["backbone.blocks.3.mlp.fc2.weight"]["wd_mult"] == 1.0
-    assert by_name["backbone.blocks.3.mlp.fc2.weight"]["weight_decay"] == pytest.approx(records[-1]["wd"])
-    assert len(by_name) == sum(1 for _ in raddino.build_vit("vit_tiny").parameters()) + 8  # + the head's tensors
+    assert by_name["backbone.blocks.3.mlp.fc2.weight"]["weight_decay"] == pytest.approx(
+        records[-1]["wd"])
+    # + the head's tensors
+    assert len(by_name) == sum(1 for _ in raddino.build_vit("vit_tiny").parameters()) + 8
     # Prototypes frozen (lr 0) while everything else moves.
-    assert by_name["dino_head.last_layer.weight_g"]["lr"] == 0.0 and by_name["dino_head.mlp.0.weight"]["lr"] > 0
+    assert (by_name["dino_head.last_layer.weight_g"]["lr"] == 0.0
+            and by_name["dino_head.mlp.0.weight"]["lr"] > 0)
     # The loop multiplies each group's multipliers into the step's scheduled values.
-    for name in ("backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight", *no_decay):
-        assert by_name[name]["lr"] == pytest.approx(records[-1]["lr"] * by_name[name]["lr_mult"]), name
-        assert by_name[name]["weight_decay"] == pytest.approx(records[-1]["wd"] * by_name[name]["wd_mult"]), name
+    for name in ("backbone.blocks.0.attn.qkv.weight", "backbone.patch_embed.proj.weight",
+                 *no_decay):
+        assert by_name[name]["lr"] == pytest.approx(
+            records[-1]["lr"] * by_name[name]["lr_mult"]), name
+        assert by_name[name]["weight_decay"] == pytest.approx(
+            records[-1]["wd"] * by_name[name]["wd_mult"]), name
     assert not any(by_name[n]["weight_decay"] for n in no_decay)
 
 
@@ -165,10 +183,11 @@ def test_one_step_clips_each_network_and_moves_the_teacher_by_the_ema(phantom_se
     out = tmp_path / "run"
     clip, eps = 1e-11, 1e-8
     train(tiny_run(phantom_set, out, "train.steps=1", f"init.backbone={tmp_path / 'backbone.pth'}",
-                   f"init.head={tmp_path / 'head.pth'}", "optim.base_lr=16000.0", "optim.warmup_epochs=0",
-                   "optim.clip_grad=1.0e-11", "optim.layer_decay=1.0", "optim.patch_embed_lr_mult=1.0",
-                   "optim.freeze_last_layer_epochs=0", "optim.weight_decay=0.0", "optim.weight_decay_end=0.0",
-                   "momentum.start=0.5", "momentum.end=0.5", "model.drop_path=0.0"))
+                   f"init.head={tmp_path / 'head.pth'}", "optim.base_lr=16000.0",
+                   "optim.warmup_epochs=0", "optim.clip_grad=1.0e-11", "optim.layer_decay=1.0",
+                   "optim.patch_embed_lr_mult=1.0", "optim.freeze_last_layer_epochs=0",
+                   "optim.weight_decay=0.0", "optim.weight_decay_end=0.0", "momentum.start=0.5",
+                   "momentum.end=0.5", "model.drop_path=0.0"))
     lr = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["lr"]
     assert lr == pytest.approx(16000 * math.sqrt(4 / 1024))  # 1000
     model = student_state(out)["model"]
@@ -181,7 +200,8 @@ def test_one_step_clips_each_network_and_moves_the_teacher_by_the_ema(phantom_se
                 moved = moved / 3
             squares += float(moved.double().square().sum())
             teacher = model[f"teacher.{network}.{name}"]
-            torch.testing.assert_close(teacher, 0.5 * value + 0.5 * model[f"student.{network}.{name}"])
+            torch.testing.assert_close(teacher,
+                                       0.5 * value + 0.5 * model[f"student.{network}.{name}"])
         assert math.sqrt(squares) == pytest.approx(lr * clip / eps, rel=1e-2), network
 
 
@@ -189,16 +209,20 @@ def test_resume_after_sigkill_is_bitwise_identical(phantom_set, tmp_path):
     args = ["train.steps=8", "train.save_every=4", "model.drop_path=0.1"]
     train(tiny_run(phantom_set, tmp_path / "straight", *args))
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *tiny_run(phantom_set, killed, *args,
-                                "train.log_every=100")], cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                                *tiny_run(phantom_set, killed, *args, "train.log_every=100")],
+                               cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (killed / "checkpoint_0000004.pt").exists() and time.time() < deadline and process.poll() is None:
+    while (not (killed / "checkpoint_0000004.pt").exists() and time.time() < deadline
+           and process.poll() is None):
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (killed / "checkpoint_0000008.pt").exists(), "the run finished before it could be killed"
-    (killed / "checkpoint_0000006.pt.tmp999").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves it
+    assert not (killed / "checkpoint_0000008.pt").exists(), (
+        "the run finished before it could be killed")
+    # as a kill mid-save leaves it
+    (killed / "checkpoint_0000006.pt.tmp999").write_bytes(b"half a checkpoint")
     result = train(tiny_run(phantom_set, killed, *args))
     assert "resumed from" in result.stdout and "checkpoint_0000004.pt" in result.stdout
     a, b = student_state(tmp_path / "straight"), student_state(killed)
@@ -212,11 +236,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_pat
             f"device={device}", "precision=fp32"]
     train(tiny_run(phantom_set, tmp_path / "one", *args, "train.batch_size=8"))
     result = train(tiny_run(phantom_set, tmp_path / "two", *args, "train.batch_size=4"),
-                   launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+                   launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2"))
     assert "world size 2" in result.stdout
     one, two = student_state(tmp_path / "one"), student_state(tmp_path / "two")
     for key in one["model"]:
-        torch.testing.assert_close(one["model"][key], two["model"][key], atol=1e-5, rtol=1e-5, msg=key)
+        torch.testing.assert_close(one["model"][key], two["model"][key], atol=1e-5, rtol=1e-5,
+                                   msg=key)
     # Each rank draws drop path from its own stream (seed + rank), as DINOv2 does.
     assert not torch.equal(two["rng"][0]["cpu"], two["rng"][1]["cpu"])
 
@@ -253,8 +279,9 @@ def test_two_ranks_compiled_in_bf16_on_the_cpu(phantom_set, tmp_path):
 def test_a_non_finite_loss_stops_the_run_without_a_checkpoint(phantom_set, tmp_path):
     # A teacher temperature that reaches 0 at step 3 makes the teacher's targets NaN there.
     out = tmp_path / "run"
-    result = train(tiny_run(phantom_set, out, "train.steps=6", "train.save_every=2", "train.epoch_length=1",
-                            "teacher_temp.end=0.0", "teacher_temp.warmup_epochs=3"), check=False)
+    result = train(tiny_run(phantom_set, out, "train.steps=6", "train.save_every=2",
+                            "train.epoch_length=1", "teacher_temp.end=0.0",
+                            "teacher_temp.warmup_epochs=3"), check=False)
     assert result.returncode != 0
     assert "non-finite loss at step 3" in result.stderr and "dino_global=nan" in result.stderr
     assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == ["checkpoint_0000002.pt"]
@@ -262,20 +289,23 @@ def test_a_non_finite_loss_stops_the_run_without_a_checkpoint(phantom_set, tmp_p
 
 
 def test_init_backbone_starts_student_and_teacher_from_weights(phantom_set, tmp_path):
-    """A DINOv2-style 3-channel file with a 112-px (8 x 8) grid: folded to one channel, its grid kept."""
+    """A DINOv2-style 3-channel file with a 112-px (8 x 8) grid: folded to one channel, its grid
+    kept."""
     torch.manual_seed(1)
     source = raddino.build_vit("vit_tiny", img_size=112)
     torch.save(source.state_dict(), tmp_path / "hub.pth")
     out = tmp_path / "run"
-    train(tiny_run(phantom_set, out, "train.steps=1", f"init.backbone={tmp_path / 'hub.pth'}", "optim.base_lr=0.0",
-                   "optim.weight_decay=0.0", "optim.weight_decay_end=0.0", "model.drop_path=0.0",
-                   "momentum.start=1.0", "momentum.end=1.0"))
+    train(tiny_run(phantom_set, out, "train.steps=1", f"init.backbone={tmp_path / 'hub.pth'}",
+                   "optim.base_lr=0.0", "optim.weight_decay=0.0", "optim.weight_decay_end=0.0",
+                   "model.drop_path=0.0", "momentum.start=1.0", "momentum.end=1.0"))
     state = student_state(out)
     assert state["backbone_args"]["img_size"] == 112 and state["backbone_args"]["in_chans"] == 1
     folded = weights.fold_channels(source.state_dict()["patch_embed.proj.weight"], 1)
-    for prefix in ("student.backbone.", "teacher.backbone."):  # lr 0 and momentum 1: one step changes no weight
+    # lr 0 and momentum 1: one step changes no weight
+    for prefix in ("student.backbone.", "teacher.backbone."):
         assert torch.equal(state["model"][prefix + "patch_embed.proj.weight"], folded)
-        assert torch.equal(state["model"][prefix + "blocks.5.mlp.fc1.weight"], source.blocks[5].mlp.fc1.weight)
+        assert torch.equal(state["model"][prefix + "blocks.5.mlp.fc1.weight"],
+                           source.blocks[5].mlp.fc1.weight)
 
 
 def test_a_bad_image_stops_the_run_with_one_line(phantom_set, tmp_path):
@@ -300,5 +330,6 @@ def test_the_rad_dino_config_needs_the_dinov2_weights(phantom_set, tmp_path):
                     f"out_dir={tmp_path / 'run'}"], check=False)
     assert result.returncode != 0
     assert "dinov2_vitb14_pretrain.pth" in result.stderr
-    assert "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth" in result.stderr
+    assert ("https://dl.fbaipublicfiles.com/dinov2/dinov2_vitb14/dinov2_vitb14_pretrain.pth"
+            in result.stderr)
     assert time.time() - start < 60  # at once: before any model is built

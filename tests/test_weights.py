@@ -32,20 +32,24 @@ def test_three_channel_weights_fold_exactly_into_one_channel(tmp_path):
     gray = torch.randn(2, 1, 56, 56)
     # An X-ray copied to 3 channels (same normalisation on each) through the 3-channel model
     # equals the single channel through the folded model.
-    torch.testing.assert_close(gray_model(gray), rgb(gray.expand(-1, 3, -1, -1)), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(gray_model(gray), rgb(gray.expand(-1, 3, -1, -1)),
+                               atol=2e-5, rtol=1e-5)
     # ... and exporting back to 3 channels divides evenly, so the round trip is exact too.
     weights.save_hf(gray_model, tmp_path / "hf")
     back = weights.load_backbone(tmp_path / "hf")
     assert back.args["in_chans"] == 3
-    torch.testing.assert_close(back(gray.expand(-1, 3, -1, -1)), gray_model(gray), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(back(gray.expand(-1, 3, -1, -1)), gray_model(gray),
+                               atol=2e-5, rtol=1e-5)
 
 
 # ----- safetensors -----
 
 def test_safetensors_round_trip_every_dtype(tmp_path):
-    tensors = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "f16": torch.randn(2, 2).half(),
-               "i64": torch.arange(7), "u8": torch.arange(9, dtype=torch.uint8).reshape(3, 3),
-               "bool": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5)}
+    tensors = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(),
+               "f16": torch.randn(2, 2).half(), "i64": torch.arange(7),
+               "u8": torch.arange(9, dtype=torch.uint8).reshape(3, 3),
+               "bool": torch.tensor([True, False, True]), "empty": torch.zeros(0, 4),
+               "scalar": torch.tensor(2.5)}
     weights.write_safetensors(tmp_path / "t.safetensors", tensors, metadata={"format": "pt"})
     back, meta = weights.read_safetensors(tmp_path / "t.safetensors", return_metadata=True)
     assert meta == {"format": "pt"} and set(back) == set(tensors)
@@ -55,7 +59,8 @@ def test_safetensors_round_trip_every_dtype(tmp_path):
 
 def test_safetensors_files_agree_with_the_safetensors_library(tmp_path):
     st = pytest.importorskip("safetensors.torch")
-    tensors = {"w": torch.randn(4, 3), "b": torch.randn(3).bfloat16(), "n": torch.arange(5, dtype=torch.int32)}
+    tensors = {"w": torch.randn(4, 3), "b": torch.randn(3).bfloat16(),
+               "n": torch.arange(5, dtype=torch.int32)}
     weights.write_safetensors(tmp_path / "ours.safetensors", tensors, metadata={"who": "raddino"})
     theirs = st.load_file(tmp_path / "ours.safetensors")
     assert all(torch.equal(theirs[k], v) for k, v in tensors.items())
@@ -74,17 +79,26 @@ def raw_safetensors(header, data=b"", length=None):
     ("past_end", (1000).to_bytes(8, "little") + b"{}", "past the end"),
     ("huge_header", (2 ** 40).to_bytes(8, "little") + b"{}", "exceeds"),
     ("not_json", (4).to_bytes(8, "little") + b"{{{{", "not JSON"),
-    ("unknown_dtype", raw_safetensors({"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, bytes(16)),
+    ("unknown_dtype",
+     raw_safetensors({"a": {"dtype": "F128", "shape": [1], "data_offsets": [0, 16]}}, bytes(16)),
      "unknown dtype"),
-    ("shape_mismatch", raw_safetensors({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)),
+    ("shape_mismatch",
+     raw_safetensors({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)),
      "needs 12 bytes"),
-    ("out_of_range", raw_safetensors({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8)),
+    ("out_of_range",
+     raw_safetensors({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, bytes(8)),
      "outside"),
     ("overlap", raw_safetensors({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-                                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)), "overlap"),
-    ("gap", raw_safetensors({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8)), "gap"),
-    ("trailing", raw_safetensors({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(8)), "cover"),
-    ("bad_shape", raw_safetensors({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4)),
+                                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}},
+                                bytes(12)), "overlap"),
+    ("gap",
+     raw_safetensors({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8)),
+     "gap"),
+    ("trailing",
+     raw_safetensors({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, bytes(8)),
+     "cover"),
+    ("bad_shape",
+     raw_safetensors({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4)),
      "bad shape"),
     ("not_object", raw_safetensors([1, 2]), "not a JSON object"),
 ])
@@ -111,7 +125,8 @@ def test_hf_export_round_trips_and_matches_transformers(tmp_path):
         transformers = pytest.importorskip("transformers")
         hf_class = transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model
         hf, info = hf_class.from_pretrained(out_dir, output_loading_info=True)
-        assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+        assert (not info["missing_keys"] and not info["unexpected_keys"]
+                and not info["mismatched_keys"])
         # transformers interpolates by target size (no 0.1 offset): ours does too when asked.
         ours = weights.load_backbone(out_dir, interpolate_offset=0.0)
         for size in [(56, 56), (70, 42), (98, 98)]:
@@ -119,13 +134,15 @@ def test_hf_export_round_trips_and_matches_transformers(tmp_path):
             out = ours.forward_features(x)
             with torch.no_grad():
                 ref = hf.eval()(pixel_values=x).last_hidden_state
-            torch.testing.assert_close(torch.cat([out["cls"][:, None], out["reg"], out["patch"]], 1), ref,
-                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                torch.cat([out["cls"][:, None], out["reg"], out["patch"]], 1), ref,
+                atol=1e-4, rtol=1e-4)
 
 
 def test_load_backbone_reads_hf_names_from_a_bare_safetensors_file(tmp_path):
     model = tiny()
-    weights.write_safetensors(tmp_path / "backbone.safetensors", weights.dinov2_to_hf(model.state_dict()))
+    weights.write_safetensors(tmp_path / "backbone.safetensors",
+                              weights.dinov2_to_hf(model.state_dict()))
     weights.write_safetensors(tmp_path / "hub.safetensors", model.state_dict())
     x = torch.randn(1, 3, 56, 56)
     for name in ("backbone.safetensors", "hub.safetensors"):
@@ -141,7 +158,8 @@ def test_load_backbone_reports_every_mismatch(tmp_path):
     with pytest.raises(ValueError) as error:
         weights.load_backbone(tmp_path / "bad.pth")
     message = str(error.value)
-    assert "bad.pth" in message and "blocks.1.ls2.gamma" in message and "blocks.0.surprise" in message
+    assert ("bad.pth" in message and "blocks.1.ls2.gamma" in message
+            and "blocks.0.surprise" in message)
     assert "norm.bias" in message and "(65,)" in message
     (tmp_path / "folder").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
@@ -171,15 +189,20 @@ def test_load_backbone_reads_training_checkpoints(tmp_path):
     x = torch.randn(2, 1, 56, 56)
     assert torch.equal(loaded(x), model.teacher.backbone.eval()(x))
     # The official DINOv2 training code saves {"teacher": {"backbone.*", "dino_head.*"}}.
-    torch.save({"teacher": {"backbone." + k: v for k, v in student.state_dict().items()}}, tmp_path / "official.pth")
-    assert torch.equal(weights.load_backbone(tmp_path / "official.pth", num_heads=4)(x), student.eval()(x))
+    torch.save({"teacher": {"backbone." + k: v for k, v in student.state_dict().items()}},
+               tmp_path / "official.pth")
+    assert torch.equal(weights.load_backbone(tmp_path / "official.pth", num_heads=4)(x),
+                       student.eval()(x))
     # ... and with block_chunks > 0 (ViT-L/g configs) its blocks are named blocks.{chunk}.{i}.
-    chunked = {("backbone." + k).replace("blocks.1.", "blocks.0.1.").replace("blocks.0.n", "blocks.0.0.n")
+    chunked = {("backbone." + k).replace("blocks.1.", "blocks.0.1.")
+               .replace("blocks.0.n", "blocks.0.0.n")
                .replace("blocks.0.a", "blocks.0.0.a").replace("blocks.0.l", "blocks.0.0.l")
                .replace("blocks.0.m", "blocks.0.0.m"): v for k, v in student.state_dict().items()}
-    assert "backbone.blocks.0.1.attn.qkv.weight" in chunked and "backbone.blocks.0.0.ls2.gamma" in chunked
+    assert ("backbone.blocks.0.1.attn.qkv.weight" in chunked
+            and "backbone.blocks.0.0.ls2.gamma" in chunked)
     torch.save({"teacher": chunked}, tmp_path / "chunked.pth")
-    assert torch.equal(weights.load_backbone(tmp_path / "chunked.pth", num_heads=4)(x), student.eval()(x))
+    assert torch.equal(weights.load_backbone(tmp_path / "chunked.pth", num_heads=4)(x),
+                       student.eval()(x))
 
 
 # ----- the export, as a rad-dino user loads it -----
