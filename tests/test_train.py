@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import phantoms
 import raddino
@@ -322,6 +323,23 @@ def test_a_bad_image_stops_the_run_with_one_line(phantom_set, tmp_path):
     assert "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     assert "zz-broken.png" in last_line and "data.on_bad_file=skip" in last_line
+
+
+def test_the_long_configs_undo_every_short_run_value():
+    """config.yaml's departures for short runs (marked SHORT RUN there; teacher_temp.end goes
+    with teacher_temp.start) are undone by configs/dinov2.yaml, and configs/rad-dino.yaml,
+    which also sits on top of config.yaml, sets each to the same DINOv2 value."""
+    short_run = {"model.layerscale_init", "teacher_temp.start", "teacher_temp.end",
+                 "momentum.start", "crops.jitter_prob", "crops.solarize_prob"}
+    lines = (ROOT / "config.yaml").read_text().splitlines()
+    marked = {line.split(":")[0] for line in lines if "SHORT RUN" in line and line[0] != "#"}
+    assert marked <= short_run, "a new SHORT RUN key: add it here and to both configs"
+    base = yaml.safe_load((ROOT / "config.yaml").read_text())
+    dinov2 = yaml.safe_load((ROOT / "configs" / "dinov2.yaml").read_text())
+    rad_dino = yaml.safe_load((ROOT / "configs" / "rad-dino.yaml").read_text())
+    for key in sorted(short_run):
+        assert key in dinov2 and dinov2[key] != base[key], key
+        assert rad_dino.get(key) == dinov2[key], key
 
 
 def test_the_rad_dino_config_needs_the_dinov2_weights(phantom_set, tmp_path):
