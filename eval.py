@@ -211,18 +211,21 @@ def load_model(spec):
     return raddino.ViT(**args).eval()
 
 
-def cache_key(spec, table, size, seg_blocks=None):
-    """Features depend on the weights, the table and the size. Sizes and mtimes stand in for
-    the weights' bytes (hashing 350 MB every run costs more than it saves). Images edited
-    behind an unchanged labels.csv go unnoticed: delete the features-*.pt files then."""
-    parts = [spec, size, seg_blocks, FEATURE_VERSION]
+def cache_key(spec, table, size, seg_blocks=None, device="cpu"):
+    """Features depend on the weights, the table, the size and the device (CUDA runs in
+    bf16). Sizes and mtimes stand in for the weights' bytes (hashing 350 MB every run costs
+    more than it saves). Images edited behind an unchanged labels.csv go unnoticed: delete
+    the features-*.pt files then."""
+    parts = [spec, size, seg_blocks, FEATURE_VERSION, device]
     paths = [Path(table)]
     if weights_path(spec) is not None:  # random:PATH too: PATH decides its architecture
         paths.insert(0, weights_path(spec))
     for path in paths:
         files = [path]
-        if path.is_dir():  # a Hugging Face folder: every file in it
-            files = sorted(path.rglob("*"))
+        if path.is_dir():  # a Hugging Face folder: the two files load_backbone reads
+            # (not README.md, whose evaluation part this script rewrites after every run)
+            files = [path / "config.json", path / "model.safetensors"]
+            files = [file for file in files if file.exists()]  # load_model says what is missing
         for file in files:
             parts += [str(file.resolve()), file.stat().st_size, file.stat().st_mtime_ns]
     return hashlib.sha1(json.dumps(parts).encode()).hexdigest()[:16]
@@ -385,7 +388,7 @@ def get_features(spec, rows, table, args, patch_rows, out_dir):
     """extract_features, cached in out_dir: features-KEY.pt (pooled) and features-KEY.npy
     (patch tokens of patch_rows, read back by the batch). A cache whose patch tokens are not
     of these rows is redone."""
-    key = cache_key(spec, table, args.size, args.seg_blocks)
+    key = cache_key(spec, table, args.size, args.seg_blocks, args.device)
     file = Path(out_dir) / f"features-{key}.pt"
     patch_file = file.with_suffix(".npy")
     if file.exists():
@@ -712,8 +715,10 @@ def check_split(split, table, names, what):
 
 
 def on_labelled_rows(probe, features, target, keep, split, table, column):
-    """Run a probe on the rows that have a target (keep); the others are counted, not hidden."""
-    check_split(split[keep], table, SPLITS, f"column '{column}'")
+    """Run a probe on the rows that have a target (keep); the others are counted, not hidden.
+    k-NN has no hyper-parameter to choose, so it alone needs no val rows."""
+    needed = ("train", "test") if probe is knn_probe else SPLITS
+    check_split(split[keep], table, needed, f"column '{column}'")
     train_targets = target[keep & (split == "train")]
     if target.dtype.kind == "i" and len(np.unique(train_targets)) < 2:
         raise ValueError(f"{table}: column '{column}' has a single class in the train split")

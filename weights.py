@@ -291,6 +291,10 @@ def infer_args(state, config=None):
                 f"config.json: only layer_norm_eps 1e-6 with qkv_bias is supported, got {config}")
         args["num_heads"] = config.get("num_attention_heads", args["num_heads"])
         args["mlp_ratio"] = config.get("mlp_ratio", args["mlp_ratio"])
+        # Not in the tensors, and it matters to a random network of this shape (random:PATH):
+        # LayerScale 1.0 blocks mix, 1e-5 blocks start as the identity.
+        if "layerscale_value" in config:
+            args["layerscale_init"] = config["layerscale_value"]
     return args
 
 

@@ -251,6 +251,9 @@ def test_missing_columns_and_splits_are_named(phantom_set, tmp_path):
     with pytest.raises(ValueError, match=r"labels\.csv: .*split 'val'"):
         ev.main(argv + ["--data", str(no_val), "--task", "linear"])
     assert not list(tmp_path.glob("features-*.pt"))  # both failed before any feature was computed
+    # k-NN chooses nothing on val: the same table is enough for it.
+    knn = ev.main(argv + ["--data", str(no_val), "--task", "knn"])["results"]["random:vit_tiny"]
+    assert knn["knn/finding"]["n"]["val"] == 0 and knn["knn/finding"]["n"]["test"] > 0
     with pytest.raises(ValueError, match="task 'seg' needs a 'mask' column"):
         ev.main(argv + ["--data", str(rewrite(phantom_set / "labels.csv", tmp_path,
                                               lambda row: {**row, "mask": ""})),
@@ -299,6 +302,44 @@ def test_random_path_is_the_same_architecture_with_seed_0_weights(tmp_path):
     assert torch.equal(random.pos_embed, ev.load_model(f"random:{checkpoint}").pos_embed)
     with pytest.raises(ValueError, match="random:nowhere: 'nowhere' is neither an architecture"):
         ev.load_model("random:nowhere")
+
+
+def test_random_export_is_the_random_checkpoint(tmp_path):
+    """train.py writes a checkpoint and its Hugging Face export; random: of either is one
+    network, LayerScale included (config.json's layerscale_value: 1.0 blocks mix, the
+    default 1e-5 would give every image the same CLS)."""
+    torch.manual_seed(1)
+    backbone = raddino.build_vit("vit_tiny", img_size=56, in_chans=1, depth=2,
+                                 layerscale_init=1.0)
+    checkpoint = tmp_path / "run" / "checkpoint_000010.pt"
+    checkpoint.parent.mkdir()
+    state = {f"teacher.backbone.{k}": v for k, v in backbone.state_dict().items()}
+    torch.save({"backbone_args": backbone.args, "model": state}, checkpoint)
+    weights.save_hf(backbone, tmp_path / "run" / "export")
+    from_checkpoint = ev.load_model(f"random:{checkpoint}")
+    from_export = ev.load_model(f"random:{tmp_path / 'run' / 'export'}")
+    assert from_export.blocks[0].ls1.gamma.eq(1.0).all()
+    x = torch.randn(3, 1, 56, 56)
+    torch.testing.assert_close(from_export(x), from_checkpoint(x))
+
+
+def test_the_cache_key_follows_the_weights_and_device_not_the_model_card(tmp_path):
+    """eval.py rewrites an export's README.md after every run: that must not void the cache
+    of its features. New weights and another device (CUDA runs in bf16) must."""
+    export = tmp_path / "export"
+    weights.save_hf(raddino.build_vit("vit_tiny", img_size=56, in_chans=1, depth=1), export)
+    (export / "README.md").write_text("# a model card\n")  # train.py's export has one
+    table = tmp_path / "labels.csv"
+    table.write_text("image,split\n")
+    for spec in (str(export), f"random:{export}"):
+        key = ev.cache_key(spec, table, 56)
+        results = {spec: {"knn/finding": {"auroc": {"value": 0.5, "ci": [0.4, 0.6]}}}}
+        ev.update_model_card(export, results, "python eval.py")
+        assert ev.cache_key(spec, table, 56) == key
+        assert ev.cache_key(spec, table, 56, device="cuda") != key
+    key = ev.cache_key(str(export), table, 56)
+    weights.save_hf(raddino.build_vit("vit_tiny", img_size=56, in_chans=1, depth=2), export)
+    assert ev.cache_key(str(export), table, 56) != key
 
 
 def test_no_backbone_compares_the_newest_checkpoint_with_its_random_init(phantom_set, tmp_path,
