@@ -425,7 +425,9 @@ def save_hf(model, out_dir, channels=3, image_size=None, card=None):
     (AutoModel: Dinov2Model, no missing or unexpected keys), preprocessor_config.json
     (AutoImageProcessor, pipeline("image-feature-extraction")) at image_size (default: the
     model's own), and README.md (the model card) when `card` text is given. 3 channels by
-    default, as microsoft/rad-dino ships."""
+    default, as microsoft/rad-dino ships; a 1-channel folder (channels=1) loads in AutoModel
+    and in load_backbone but gets no preprocessor_config.json, since transformers' image
+    processors hand out RGB."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     args = model.args
@@ -433,10 +435,9 @@ def save_hf(model, out_dir, channels=3, image_size=None, card=None):
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     state["patch_embed.proj.weight"] = fold_channels(state["patch_embed.proj.weight"], channels)
     write_safetensors(out_dir / "model.safetensors", dinov2_to_hf(state), metadata={"format": "pt"})
-    files = {
-        "config.json": hf_config(args, channels),
-        "preprocessor_config.json": preprocessor_config(image_size),
-    }
+    files = {"config.json": hf_config(args, channels)}
+    if channels == 3:
+        files["preprocessor_config.json"] = preprocessor_config(image_size)
     for name, content in files.items():
         atomic_write_text(out_dir / name, json.dumps(content, indent=2) + "\n")
     if card:

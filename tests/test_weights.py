@@ -40,6 +40,13 @@ def test_three_channel_weights_fold_exactly_into_one_channel(tmp_path):
     assert back.args["in_chans"] == 3
     torch.testing.assert_close(back(gray.expand(-1, 3, -1, -1)), gray_model(gray),
                                atol=2e-5, rtol=1e-5)
+    # A 1-channel export keeps the kernel as it is; transformers' processors make RGB, so
+    # it carries none.
+    one = weights.save_hf(gray_model, tmp_path / "hf1", channels=1)
+    assert json.loads((one / "config.json").read_text())["num_channels"] == 1
+    assert (tmp_path / "hf" / "preprocessor_config.json").exists()
+    assert not (one / "preprocessor_config.json").exists()
+    torch.testing.assert_close(weights.load_backbone(one)(gray), gray_model(gray))
 
 
 # ----- safetensors -----
