@@ -47,7 +47,8 @@ def load_config(argv):
 
     Every key must exist in config.yaml and keep its type; a typo gets the nearest key."""
     config = yaml.safe_load((HERE / "config.yaml").read_text())
-    overrides = {}
+    from_files = {}
+    from_line = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
         if not sep:
@@ -55,10 +56,12 @@ def load_config(argv):
         if key == "config":
             file_values = yaml.safe_load(Path(value).read_text()) or {}
             for file_key, file_value in file_values.items():
-                overrides[file_key] = (file_value, value)
+                from_files[file_key] = (file_value, value)
         else:
             parsed = yaml.safe_load(value) if value else ""
-            overrides[key] = (parsed, "the command line")
+            from_line[key] = (parsed, "the command line")
+    # The files first, then key=value on top, wherever config= stands on the line.
+    overrides = {**from_files, **from_line}
     for key, (value, source) in overrides.items():
         if key not in config:
             message = f"error: unknown key {key!r} in {source}"
@@ -87,7 +90,23 @@ def check_type(key, value, default, source):
                      f"like {default!r}, got {value!r}")
 
 
+def check_values(config):
+    """The values a type check cannot judge, refused at once with the key's name."""
+    choices = {"device": ("auto", "cuda", "cpu"), "compile": ("auto", True, False),
+               "precision": ("auto", "bf16", "fp32"),
+               "centering": ("centering", "sinkhorn_knopp")}
+    for key, allowed in choices.items():
+        if config[key] not in allowed:
+            raise SystemExit(f"error: {key} must be one of {', '.join(map(str, allowed))}, "
+                             f"got {config[key]!r}")
+    for key in ("train.steps", "train.batch_size", "train.epoch_length", "train.save_every",
+                "train.log_every", "train.keep_checkpoints"):
+        if config[key] < 1:
+            raise SystemExit(f"error: {key} must be at least 1, got {config[key]}")
+
+
 config = load_config(sys.argv[1:])
+check_values(config)
 
 # ===== distributed =====
 # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python train.py` is world size 1.
@@ -99,8 +118,6 @@ master = rank == 0
 use_cuda = config["device"] == "cuda" or (config["device"] == "auto" and torch.cuda.is_available())
 device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 precision = config["precision"]
-if precision not in ("auto", "bf16", "fp32"):
-    raise SystemExit(f"error: precision must be auto, bf16 or fp32, got {precision!r}")
 if precision == "auto":
     precision = "bf16" if use_cuda else "fp32"
 if use_cuda:
@@ -285,6 +302,12 @@ def checkpoint_paths():
 
 start_step = 0
 history = []
+if not config["resume"] and checkpoint_paths():
+    # Starting over beside an earlier run's checkpoints would mix the two: pruning would
+    # keep the old ones (higher steps) and a later resume would load the wrong run.
+    raise SystemExit(f"error: {out_dir} holds checkpoints of an earlier run (newest "
+                     f"{checkpoint_paths()[-1].name}); with resume=false, choose another "
+                     f"out_dir or delete them")
 if config["resume"] and checkpoint_paths():
     for path in reversed(checkpoint_paths()):  # the newest readable one
         try:
@@ -295,6 +318,9 @@ if config["resume"] and checkpoint_paths():
     else:
         raise SystemExit(f"error: no readable checkpoint in {out_dir}; "
                          f"move them away or set resume=false")
+    if state["step"] > config["train.steps"]:
+        raise SystemExit(f"error: {path} is at step {state['step']}, past train.steps="
+                         f"{config['train.steps']}: raise train.steps or choose another out_dir")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     start_step = state["step"]
@@ -386,6 +412,10 @@ def log_step(step, diagnostics, scheduled):
         dist.all_reduce(terms)
         terms /= world_size
     terms = dict(zip(TERMS, terms.tolist()))
+    skipped_files = torch.tensor(skipped, device=device)  # this rank's, per source
+    if distributed:  # every rank skips its own
+        dist.all_reduce(skipped_files)
+    skipped_files = skipped_files.tolist()
     collapse = raddino.collapse_diagnostics(
         diagnostics["teacher_probs"], diagnostics["student_cls"])
     speed = window_images / (time.time() - window_start)
@@ -395,7 +425,7 @@ def log_step(step, diagnostics, scheduled):
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     record = {"step": step, **terms, **scheduled, **collapse, "images_per_s": speed,
-              "peak_mem_gib": memory, "skipped_files": sum(skipped)}
+              "peak_mem_gib": memory, "skipped_files": sum(skipped_files)}
     history.append(record)
     line = (f"step {step}/{total_steps} | loss {terms['loss']:.4f} "
             f"(dino local {terms['dino_local']:.3f} global {terms['dino_global']:.3f} "
@@ -406,8 +436,9 @@ def log_step(step, diagnostics, scheduled):
             f"| H(t) {collapse['teacher_entropy']:.2f} "
             f"H(mean t) {collapse['teacher_batch_entropy']:.2f} "
             f"cls spread {collapse['cls_spread']:.2f}")
-    if any(skipped):
-        per_source = ", ".join(f"{n} in {s['name']}" for n, s in zip(skipped, sources) if n)
+    if any(skipped_files):
+        per_source = ", ".join(f"{n} in {s['name']}"
+                               for n, s in zip(skipped_files, sources) if n)
         line += f" | skipped files: {per_source}"
     log(line)
     # Judged once the teacher's temperature has stopped moving (at once when it is constant)

@@ -62,6 +62,15 @@ def test_unknown_keys_and_wrong_types_are_clear_errors(tmp_path):
     assert "min_lr" not in result.stderr
     result = train(["optim.min_lr=tiny"], check=False)
     assert result.returncode != 0 and "optim.min_lr" in result.stderr and "float" in result.stderr
+    # key=value wins over config=FILE wherever it stands on the line
+    (tmp_path / "four.yaml").write_text("crops.n_local: 4\n")
+    result = train(["crops.n_local=many", f"config={tmp_path / 'four.yaml'}"], check=False)
+    assert "crops.n_local from the command line must be int" in result.stderr
+    for bad, message in (("device=gpu", "device must be one of auto, cuda, cpu"),
+                         ("compile=gpu", "compile must be one of"),
+                         ("train.log_every=0", "train.log_every must be at least 1")):
+        result = train([bad], check=False)
+        assert result.returncode != 0 and message in result.stderr, bad
     (tmp_path / "other.yaml").write_text("crops.n_local: 4\nloss.koleo_wieght: 0.0\n")
     result = train([f"config={tmp_path / 'other.yaml'}"], check=False)
     assert (result.returncode != 0 and "loss.koleo_wieght" in result.stderr
@@ -93,6 +102,12 @@ def test_a_short_run_end_to_end(phantom_set, tmp_path):
     x = torch.randn(2, 1, 56, 56)
     torch.testing.assert_close(exported(x), teacher(x), atol=2e-5, rtol=1e-5)
     assert "python eval.py --backbone" in log
+    # Starting over beside these checkpoints would mix two runs; so would resuming a run
+    # that is already past train.steps.
+    result = train(tiny_run(phantom_set, out, "train.steps=3", "resume=false"), check=False)
+    assert result.returncode != 0 and "holds checkpoints of an earlier run" in result.stderr
+    result = train(tiny_run(phantom_set, out, "train.steps=2"), check=False)
+    assert result.returncode != 0 and "past train.steps=2" in result.stderr
 
 
 def test_a_uniform_teacher_is_warned_of_once_its_temperature_is_settled(phantom_set, tmp_path):
@@ -246,6 +261,27 @@ def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_pat
                                    msg=key)
     # Each rank draws drop path from its own stream (seed + rank), as DINOv2 does.
     assert not torch.equal(two["rng"][0]["cpu"], two["rng"][1]["cpu"])
+
+
+def test_skipped_files_are_counted_over_every_rank(phantom_set, tmp_path):
+    """Under on_bad_file=skip each rank meets its own bad files; the log counts them all, so
+    2 ranks of 4 images report what 1 process of 8 does (the same draws)."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted((phantom_set / "images").glob("*.png"))[:24]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    for i in range(12):
+        (folder / f"broken-{i}.png").write_bytes(b"not an image")
+    args = [f"data.root={folder}", "data.split=", "data.on_bad_file=skip", "train.steps=2"]
+    train(tiny_run(phantom_set, tmp_path / "one", *args, "train.batch_size=8"))
+    train(tiny_run(phantom_set, tmp_path / "two", *args, "train.batch_size=4"),
+          launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2"))
+    counts = []
+    for run in ("one", "two"):
+        records = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        counts.append(json.loads(records[-1])["skipped_files"])
+    assert counts[0] > 0 and counts[0] == counts[1]
 
 
 @pytest.mark.cuda
