@@ -248,8 +248,16 @@ def test_resume_after_sigkill_is_bitwise_identical(phantom_set, tmp_path):
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_path, device="cpu"):
+    """Also with bad files skipped: each rank meets its own, and the log counts them all."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted((phantom_set / "images").glob("*.png"))[:24]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    for i in range(12):
+        (folder / f"broken-{i}.png").write_bytes(b"not an image")
     args = ["train.steps=2", "train.save_every=2", "model.drop_path=0.0", "loss.koleo_weight=0.0",
-            f"device={device}", "precision=fp32"]
+            f"device={device}", "precision=fp32", f"data.root={folder}", "data.split=",
+            "data.on_bad_file=skip"]
     train(tiny_run(phantom_set, tmp_path / "one", *args, "train.batch_size=8"))
     result = train(tiny_run(phantom_set, tmp_path / "two", *args, "train.batch_size=4"),
                    launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -259,29 +267,11 @@ def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_pat
     for key in one["model"]:
         torch.testing.assert_close(one["model"][key], two["model"][key], atol=1e-5, rtol=1e-5,
                                    msg=key)
+    skipped = [json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[-1])
+               ["skipped_files"] for run in ("one", "two")]
+    assert skipped[0] > 0 and skipped[0] == skipped[1]
     # Each rank draws drop path from its own stream (seed + rank), as DINOv2 does.
     assert not torch.equal(two["rng"][0]["cpu"], two["rng"][1]["cpu"])
-
-
-def test_skipped_files_are_counted_over_every_rank(phantom_set, tmp_path):
-    """Under on_bad_file=skip each rank meets its own bad files; the log counts them all, so
-    2 ranks of 4 images report what 1 process of 8 does (the same draws)."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for path in sorted((phantom_set / "images").glob("*.png"))[:24]:
-        (folder / path.name).write_bytes(path.read_bytes())
-    for i in range(12):
-        (folder / f"broken-{i}.png").write_bytes(b"not an image")
-    args = [f"data.root={folder}", "data.split=", "data.on_bad_file=skip", "train.steps=2"]
-    train(tiny_run(phantom_set, tmp_path / "one", *args, "train.batch_size=8"))
-    train(tiny_run(phantom_set, tmp_path / "two", *args, "train.batch_size=4"),
-          launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    "--nproc_per_node=2"))
-    counts = []
-    for run in ("one", "two"):
-        records = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-        counts.append(json.loads(records[-1])["skipped_files"])
-    assert counts[0] > 0 and counts[0] == counts[1]
 
 
 @pytest.mark.cuda
