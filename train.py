@@ -10,6 +10,7 @@ data.py, the weight formats in weights.py.
 """
 
 import difflib
+import gc
 import json
 import math
 import os
@@ -571,4 +572,8 @@ if distributed:
     # Every rank waits for rank 0's export: a rank that tears its gloo group down while
     # rank 0 is still connected can abort ("terminate called without an active exception").
     dist.barrier()
+    # DDP's reducer holds gloo work that references tensors: released here, while the
+    # interpreter is whole, not during its shutdown, where freeing them can abort the same way.
+    del train_model
+    gc.collect()
     dist.destroy_process_group()
