@@ -318,7 +318,7 @@ if config["resume"] and checkpoint_paths():
             log(f"WARNING: checkpoint {path} is unreadable ({error}); trying the one before")
     else:
         raise SystemExit(f"error: no readable checkpoint in {out_dir}; "
-                         f"move them away or set resume=false")
+                         f"move them away or choose another out_dir")
     if state["step"] > config["train.steps"]:
         raise SystemExit(f"error: {path} is at step {state['step']}, past train.steps="
                          f"{config['train.steps']}: raise train.steps or choose another out_dir")

@@ -68,6 +68,7 @@ def test_unknown_keys_and_wrong_types_are_clear_errors(tmp_path):
     assert "crops.n_local from the command line must be int" in result.stderr
     for bad, message in (("device=gpu", "device must be one of auto, cuda, cpu"),
                          ("compile=gpu", "compile must be one of"),
+                         ("centering=sinkhorn", "centering must be one of"),
                          ("train.log_every=0", "train.log_every must be at least 1")):
         result = train([bad], check=False)
         assert result.returncode != 0 and message in result.stderr, bad
