@@ -174,7 +174,7 @@ def draw_phantom(size, sex, age, finding, key=(0,)):
     return np.asarray(image), np.asarray(mask) > 0
 
 
-def make_phantoms(out_dir, n=600, size=256, seed=0):
+def make_phantoms(out_dir, n=2000, size=256, seed=0):
     """Write n phantoms (images/, masks/, labels.csv, README.txt); return the csv's path.
     The same seed gives byte-identical files. Splits: 60/20/20 over a seeded shuffle."""
     out = Path(out_dir)

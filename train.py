@@ -162,13 +162,19 @@ log(f"device {device}{gpu_name} | world size {world_size} | precision {precision
 log("config:\n" + yaml.safe_dump(config, sort_keys=False).rstrip())
 
 # ===== data =====
-if config["data.root"] == "data/synthetic" and not Path("data/synthetic/labels.csv").exists():
-    if master:  # the built-in default: synthetic phantoms, drawn once
-        n = config["data.synthetic_images"]
-        log(f"drawing the built-in SYNTHETIC phantom set ({n} images) in data/synthetic")
-        phantoms.make_phantoms("data/synthetic", n=n, size=256, seed=0)
-    if distributed:
-        dist.barrier()
+if config["data.root"] == "data/synthetic":  # the built-in default: phantoms, drawn once
+    n = config["data.synthetic_images"]
+    table = Path("data/synthetic/labels.csv")
+    if not table.exists():
+        if master:
+            log(f"drawing the built-in SYNTHETIC phantom set ({n} images) in data/synthetic")
+            phantoms.make_phantoms("data/synthetic", n=n, size=256, seed=0)
+        if distributed:
+            dist.barrier()
+    elif len(table.read_text().splitlines()) - 1 != n:  # drawn by another version or setting
+        raise SystemExit(f"error: data/synthetic holds {len(table.read_text().splitlines()) - 1}"
+                         f" phantoms, not data.synthetic_images={n}: delete data/synthetic to "
+                         f"draw it again")
 try:
     sources = data.read_sources(config["data.root"], split=config["data.split"] or None)
 except ValueError as error:  # e.g. a plain folder of images with the default data.split=train

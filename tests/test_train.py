@@ -111,6 +111,18 @@ def test_a_short_run_end_to_end(phantom_set, tmp_path):
     assert result.returncode != 0 and "past train.steps=2" in result.stderr
 
 
+def test_a_phantom_set_of_another_size_is_not_trained_on_silently(tmp_path):
+    # data/synthetic drawn by an earlier version (or another data.synthetic_images) would
+    # otherwise be used as it is: the run says so and stops before drawing or training.
+    phantoms.make_phantoms(tmp_path / "data" / "synthetic", n=4, size=32)
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "data.synthetic_images=6",
+                             f"out_dir={tmp_path / 'run'}", "compile=false"], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path, env=ENV)
+    assert result.returncode != 0
+    assert "data/synthetic holds 4 phantoms, not data.synthetic_images=6" in result.stderr
+    assert not (tmp_path / "run" / "checkpoint_0000001.pt").exists()
+
+
 def test_a_uniform_teacher_is_warned_of_once_its_temperature_is_settled(phantom_set, tmp_path):
     """A teacher at temperature 100 is uniform. With a constant temperature the warning comes
     at once; during a warm-up it waits, since a warming teacher is meant to be soft."""
