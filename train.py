@@ -309,6 +309,7 @@ def checkpoint_paths():
 
 start_step = 0
 history = []
+earlier_skips = None  # files skipped per source before a resume, over every rank
 if not config["resume"] and checkpoint_paths():
     # Starting over beside an earlier run's checkpoints would mix the two: pruning would
     # keep the old ones (higher steps) and a later resume would load the wrong run.
@@ -332,6 +333,7 @@ if config["resume"] and checkpoint_paths():
     optimizer.load_state_dict(state["optimizer"])
     start_step = state["step"]
     history = state["history"]
+    earlier_skips = state.get("skipped_files")
     rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]  # drop path draws
     torch.set_rng_state(rng["cpu"])
     if use_cuda and "cuda" in rng:
@@ -346,13 +348,16 @@ def save_checkpoint(step):
     if use_cuda:
         rng["cuda"] = torch.cuda.get_rng_state(device)
     all_rng = [rng] * world_size
+    skipped_files = torch.tensor(skipped, device=device)
     if distributed:
         dist.all_gather_object(all_rng, rng)
+        dist.all_reduce(skipped_files)
     if not master:
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "rng": all_rng, "history": history, "config": config,
-             "backbone_args": backbone.args, "code": code}
+             "backbone_args": backbone.args, "code": code,
+             "skipped_files": skipped_files.tolist()}
     path = out_dir / f"checkpoint_{step:07d}.pt"
     weights.atomic_write(path, lambda f: torch.save(state, f))
     for old in checkpoint_paths()[:-config["train.keep_checkpoints"]]:
@@ -401,7 +406,13 @@ log(f"training steps {start_step} -> {total_steps}: global batch {global_batch} 
     f"(x{2 + config['crops.n_local']} crops), peak lr {peak_lr:.2e}, "
     f"one epoch = {epoch_length} steps")
 metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
-skipped = [0] * len(sources)
+skipped = [0] * len(sources)  # per source: this rank's skips; rank 0 also carries a resumed
+if earlier_skips is not None:  # run's, since log_step and save_checkpoint sum over ranks
+    if len(earlier_skips) != len(sources):
+        log(f"skipped-file counts start again at 0: the checkpoint counted "
+            f"{len(earlier_skips)} sources, this run reads {len(sources)}")
+    elif rank == 0:
+        skipped = list(earlier_skips)
 warned = False
 window_start = time.time()
 window_images = 0
