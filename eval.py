@@ -553,12 +553,13 @@ def train_seg_head(patch, masks, steps=2000, batch_size=16, lr=3e-2, seed=0):
     """The linear segmentation probe, frozen patch tokens (m, N, C) -> (B, 1, S, S) logits:
     BatchNorm, a 1x1 conv, bilinear upsampling to the masks' size (DINOv2's "linear"
     segmentation head, dinov2/eval/segmentation). Adam on per-pixel BCE against (m, S, S)
-    bool masks, 2,000 steps of 16 images with the lr decayed to 0 on a cosine, as DINOv2
-    decays its head's lr: the probe must converge, or its Dice is the luck of where the last
-    step left it (300 steps at a constant 1e-2 moved a random ViT's Dice by +-0.03 between
-    seeds, as much as pretraining changes it; now +-0.003, and 4,000 steps add < 0.003).
-    The loss is taken at mask resolution, where the head will be judged. patch and masks
-    may be memory-mapped: each step reads only its batch."""
+    bool masks, 2,000 steps of 16 images, the lr decayed to 0 on a cosine. The probe has to
+    converge, or its Dice is the luck of where its last step left it. Measured on the
+    phantoms (README, "Short runs"): at these values the seed moves Dice by +-0.003 and
+    4,000 steps add < 0.003; at a constant lr, 300 steps moved it by +-0.03, as much as
+    pretraining does. The large lr is safe for one linear layer behind BatchNorm. The loss
+    is taken at mask resolution, where the head will be judged. patch and masks may be
+    memory-mapped: each step reads only its batch."""
     torch.manual_seed(seed)
     dim = patch.shape[2]
     head = nn.Sequential(
@@ -1016,7 +1017,8 @@ def main(argv=None):
         args.data = "data/synthetic"
         synthetic = True
         if not Path(args.data, "labels.csv").exists():
-            phantoms.make_phantoms(args.data)  # train.py's default set, ~10 s to draw
+            # make_phantoms' default: 2,000 images, config.yaml's data.synthetic_images; ~10 s
+            phantoms.make_phantoms(args.data)
     if not args.backbone:
         # Like for like: the checkpoint against a random network of its architecture and size.
         newest = newest_checkpoint()

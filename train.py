@@ -39,6 +39,12 @@ HERE = Path(__file__).resolve().parent
 # Keys whose value may take more than one type; every other key keeps config.yaml's type.
 FLEXIBLE_TYPES = {"compile": (bool, str), "data.root": (str, list)}
 
+# Keys a resume may change: how long, where and how the run is carried out, and where its
+# data lie. Any other key differing from the checkpoint's stops the resume.
+RESUMABLE_KEYS = {"resume", "out_dir", "train.steps", "train.save_every", "train.log_every",
+                  "train.keep_checkpoints", "device", "compile", "precision", "data.root",
+                  "data.workers", "data.on_bad_file"}
+
 # Where the DINOv2 weights that configs name by file can be downloaded.
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{0}/{0}_pretrain.pth"
 
@@ -165,16 +171,16 @@ log("config:\n" + yaml.safe_dump(config, sort_keys=False).rstrip())
 if config["data.root"] == "data/synthetic":  # the built-in default: phantoms, drawn once
     n = config["data.synthetic_images"]
     table = Path("data/synthetic/labels.csv")
-    if not table.exists():
-        if master:
-            log(f"drawing the built-in SYNTHETIC phantom set ({n} images) in data/synthetic")
-            phantoms.make_phantoms("data/synthetic", n=n, size=256, seed=0)
-        if distributed:
-            dist.barrier()
-    elif len(table.read_text().splitlines()) - 1 != n:  # drawn by another version or setting
-        raise SystemExit(f"error: data/synthetic holds {len(table.read_text().splitlines()) - 1}"
-                         f" phantoms, not data.synthetic_images={n}: delete data/synthetic to "
-                         f"draw it again")
+    if master and not table.exists():
+        log(f"drawing the built-in SYNTHETIC phantom set ({n} images) in data/synthetic")
+        phantoms.make_phantoms("data/synthetic", n=n, size=256, seed=0)
+    if distributed:  # every rank reads the set once rank 0 has finished drawing it
+        dist.barrier()
+    found = len(data.read_table(table))
+    if found != n:  # drawn by another version or setting
+        raise SystemExit(f"error: data/synthetic holds {found} phantoms, not "
+                         f"data.synthetic_images={n}: delete data/synthetic to draw it again, "
+                         f"or set data.synthetic_images={found}")
 try:
     sources = data.read_sources(config["data.root"], split=config["data.split"] or None)
 except ValueError as error:  # e.g. a plain folder of images with the default data.split=train
@@ -309,7 +315,7 @@ def checkpoint_paths():
 
 start_step = 0
 history = []
-earlier_skips = None  # files skipped per source before a resume, over every rank
+earlier_skips = []  # files skipped before a resume, over every rank: [[source name, count]]
 if not config["resume"] and checkpoint_paths():
     # Starting over beside an earlier run's checkpoints would mix the two: pruning would
     # keep the old ones (higher steps) and a later resume would load the wrong run.
@@ -329,11 +335,18 @@ if config["resume"] and checkpoint_paths():
     if state["step"] > config["train.steps"]:
         raise SystemExit(f"error: {path} is at step {state['step']}, past train.steps="
                          f"{config['train.steps']}: raise train.steps or choose another out_dir")
+    # A resume may change how the run is carried out, never what it computes: another
+    # recipe (say, an older config.yaml's) on top of these weights would be neither run.
+    changed = [f"{key}={state['config'].get(key)!r} -> {value!r}" for key, value in config.items()
+               if key not in RESUMABLE_KEYS and state["config"].get(key) != value]
+    if changed:
+        raise SystemExit(f"error: {path} was trained with other values: {', '.join(changed)}; "
+                         f"resume with its values, or start over with another out_dir")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     start_step = state["step"]
     history = state["history"]
-    earlier_skips = state.get("skipped_files")
+    earlier_skips = state.get("skipped_files", [])
     rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]  # drop path draws
     torch.set_rng_state(rng["cpu"])
     if use_cuda and "cuda" in rng:
@@ -357,7 +370,8 @@ def save_checkpoint(step):
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "rng": all_rng, "history": history, "config": config,
              "backbone_args": backbone.args, "code": code,
-             "skipped_files": skipped_files.tolist()}
+             "skipped_files": [[source["name"], n]
+                               for source, n in zip(sources, skipped_files.tolist())]}
     path = out_dir / f"checkpoint_{step:07d}.pt"
     weights.atomic_write(path, lambda f: torch.save(state, f))
     for old in checkpoint_paths()[:-config["train.keep_checkpoints"]]:
@@ -406,13 +420,15 @@ log(f"training steps {start_step} -> {total_steps}: global batch {global_batch} 
     f"(x{2 + config['crops.n_local']} crops), peak lr {peak_lr:.2e}, "
     f"one epoch = {epoch_length} steps")
 metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
-skipped = [0] * len(sources)  # per source: this rank's skips; rank 0 also carries a resumed
-if earlier_skips is not None:  # run's, since log_step and save_checkpoint sum over ranks
-    if len(earlier_skips) != len(sources):
-        log(f"skipped-file counts start again at 0: the checkpoint counted "
-            f"{len(earlier_skips)} sources, this run reads {len(sources)}")
-    elif rank == 0:
-        skipped = list(earlier_skips)
+# Files skipped per source: this rank's, and on rank 0 also those before a resume (log_step
+# and save_checkpoint sum over ranks).
+skipped = [0] * len(sources)
+names = [source["name"] for source in sources]
+if start_step and [name for name, _ in earlier_skips] != names:
+    log(f"skipped-file counts start again at 0: the checkpoint counted them for "
+        f"{[name for name, _ in earlier_skips] or 'no sources'}, this run reads {names}")
+elif start_step and rank == 0:
+    skipped = [n for _, n in earlier_skips]
 warned = False
 window_start = time.time()
 window_images = 0
