@@ -361,17 +361,16 @@ def save_checkpoint(step):
     if use_cuda:
         rng["cuda"] = torch.cuda.get_rng_state(device)
     all_rng = [rng] * world_size
-    skipped_files = torch.tensor(skipped, device=device)
     if distributed:
         dist.all_gather_object(all_rng, rng)
-        dist.all_reduce(skipped_files)
+    skipped_files = skipped_over_ranks()
     if not master:
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "rng": all_rng, "history": history, "config": config,
              "backbone_args": backbone.args, "code": code,
              "skipped_files": [[source["name"], n]
-                               for source, n in zip(sources, skipped_files.tolist())]}
+                               for source, n in zip(sources, skipped_files)]}
     path = out_dir / f"checkpoint_{step:07d}.pt"
     weights.atomic_write(path, lambda f: torch.save(state, f))
     for old in checkpoint_paths()[:-config["train.keep_checkpoints"]]:
@@ -420,15 +419,26 @@ log(f"training steps {start_step} -> {total_steps}: global batch {global_batch} 
     f"(x{2 + config['crops.n_local']} crops), peak lr {peak_lr:.2e}, "
     f"one epoch = {epoch_length} steps")
 metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
-# Files skipped per source: this rank's, and on rank 0 also those before a resume (log_step
-# and save_checkpoint sum over ranks).
+# Files skipped per source: this rank's, and on rank 0 also those before a resume
+# (skipped_over_ranks sums them for the log and the checkpoints).
 skipped = [0] * len(sources)
 names = [source["name"] for source in sources]
-if start_step and [name for name, _ in earlier_skips] != names:
+earlier_names = [name for name, _ in earlier_skips]
+if start_step and earlier_names != names:
     log(f"skipped-file counts start again at 0: the checkpoint counted them for "
-        f"{[name for name, _ in earlier_skips] or 'no sources'}, this run reads {names}")
+        f"{earlier_names or 'no sources'}, this run reads {names}")
 elif start_step and rank == 0:
     skipped = [n for _, n in earlier_skips]
+
+
+def skipped_over_ranks():
+    """Files skipped so far per source, summed over every rank (each rank skips its own)."""
+    total = torch.tensor(skipped, device=device)
+    if distributed:
+        dist.all_reduce(total)
+    return total.tolist()
+
+
 warned = False
 window_start = time.time()
 window_images = 0
@@ -446,10 +456,7 @@ def log_step(step, diagnostics, scheduled):
         dist.all_reduce(terms)
         terms /= world_size
     terms = dict(zip(TERMS, terms.tolist()))
-    skipped_files = torch.tensor(skipped, device=device)  # this rank's, per source
-    if distributed:  # every rank skips its own
-        dist.all_reduce(skipped_files)
-    skipped_files = skipped_files.tolist()
+    skipped_files = skipped_over_ranks()
     collapse = raddino.collapse_diagnostics(
         diagnostics["teacher_probs"], diagnostics["student_cls"])
     speed = window_images / (time.time() - window_start)
