@@ -1,7 +1,11 @@
 """phantoms.py: the synthetic set is deterministic, its labels are true in the pixels, and
 none of them can be read off a global statistic or the patient's size and pose."""
+import inspect
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 import data
@@ -89,3 +93,11 @@ def test_no_label_is_a_global_statistic(tmp_path):
             assert abs(ev.auroc(finding == kind, value) - 0.5) < 0.1, (name, kind)
         if name in ("mean", "std"):  # a bigger heart takes lung area: age may show there
             assert np.corrcoef(value, age)[0, 1] ** 2 < 0.03, name
+
+
+def test_train_and_eval_draw_the_same_default_set():
+    # train.py draws data.synthetic_images phantoms; eval.py, run first, draws make_phantoms'
+    # default. The two must agree, or train.py refuses the set eval.py drew.
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    default_n = inspect.signature(phantoms.make_phantoms).parameters["n"].default
+    assert config["data.synthetic_images"] == default_n
