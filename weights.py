@@ -443,3 +443,34 @@ def save_hf(model, out_dir, channels=3, image_size=None, card=None):
     if card:
         atomic_write_text(out_dir / "README.md", card)
     return out_dir
+
+
+def update_model_card(folder, table, backbones, command, data_name="data"):
+    """The "## Evaluation" section of an export's model card (README.md) gets a "### <data>"
+    part: eval.py's results table {(task, metric): {backbone: cell}} with the command that made
+    it. A part for the same data is replaced; parts for other data sets stay."""
+    card = Path(folder) / "README.md"
+    lines = [f"### {data_name}", "", f"`{command}`", "",
+             "| probe | metric | " + " | ".join(backbones) + " |",
+             "|---|---|" + "---|" * len(backbones)]
+    for (task, name), cells in table.items():
+        values = " | ".join(cells.get(spec, "-") for spec in backbones)
+        lines.append(f"| {task} | {name} | {values} |")
+    part = "\n".join(lines) + "\n"
+    text = card.read_text()
+    start = text.find("\n## Evaluation\n")
+    if start < 0:
+        before = text.rstrip("\n") + "\n"
+        parts = []
+        rest = ""
+    else:
+        following = text.find("\n## ", start + 1)  # the next section, if any, stays
+        rest = "" if following < 0 else "\n" + text[following + 1:]
+        before = text[:start + 1]
+        section = text[start + 1:] if following < 0 else text[start + 1:following + 1]
+        # The parts a run wrote before, one per data set; anything else there goes.
+        parts = ["### " + p.rstrip("\n") + "\n" for p in section.split("\n### ")[1:]]
+        parts = [p for p in parts if not p.startswith(f"### {data_name}\n")]
+    section = "\n".join(["## Evaluation\n", *parts, part])
+    atomic_write_text(card, before + "\n" + section + rest)
+    return card

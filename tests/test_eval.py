@@ -19,7 +19,10 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 import data  # noqa: E402
 import phantoms  # noqa: E402
 import weights  # noqa: E402
+import backbones  # noqa: E402
 import eval as ev  # noqa: E402
+import pictures  # noqa: E402
+import probes  # noqa: E402
 import raddino  # noqa: E402
 
 
@@ -55,25 +58,25 @@ def auprc_steps(positive, score):
 
 
 def test_hand_worked_metrics():
-    assert ev.average_ranks(np.array([5, 7, 7, 9])).tolist() == [1, 2.5, 2.5, 4]
+    assert probes.average_ranks(np.array([5, 7, 7, 9])).tolist() == [1, 2.5, 2.5, 4]
     # Positives 0.35 and 0.8 against negatives 0.1 and 0.4: 3 of the 4 pairs are ordered right.
-    assert ev.auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
-    assert ev.auroc([0, 1], [0.3, 0.3]) == 0.5  # a tie is a coin flip
-    assert np.isnan(ev.auroc([1, 1], [0.2, 0.3]))  # no negatives: undefined, not 1
+    assert probes.auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == 0.75
+    assert probes.auroc([0, 1], [0.3, 0.3]) == 0.5  # a tie is a coin flip
+    assert np.isnan(probes.auroc([1, 1], [0.2, 0.3]))  # no negatives: undefined, not 1
     # Ranked 1, 0, 1: precision 1 at recall 1/2, then 2/3 at recall 1.
-    assert ev.auprc([1, 0, 1], [0.9, 0.8, 0.7]) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert probes.auprc([1, 0, 1], [0.9, 0.8, 0.7]) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
     # one threshold: the base rate
-    assert ev.auprc([1, 0, 1], [0.9, 0.9, 0.9]) == pytest.approx(2 / 3)
+    assert probes.auprc([1, 0, 1], [0.9, 0.9, 0.9]) == pytest.approx(2 / 3)
     pred = np.zeros((2, 4, 4), bool)
     true = np.zeros((2, 4, 4), bool)
     pred[0, :2], true[0, 1:3] = True, True  # 8 and 8 pixels, 4 shared
-    dice, iou = ev.dice_iou(pred, true)
+    dice, iou = probes.dice_iou(pred, true)
     assert dice.tolist() == [0.5, 1.0] and iou.tolist() == [4 / 12, 1.0]  # image 2: both empty
     y = np.array([1.0, 2.0, 3.0, 4.0])
-    r2 = ev.REGRESSION["r2"]
+    r2 = probes.REGRESSION["r2"]
     assert (r2(y, y) == 1 and r2(y, np.full(4, 2.5)) == 0
             and r2(y, y + 1) == pytest.approx(1 - 4 / 5))
-    assert ev.pearson(y, 3 * y - 7) == pytest.approx(1) and ev.pearson(y, -y) == pytest.approx(-1)
+    assert probes.pearson(y, 3 * y - 7) == pytest.approx(1) and probes.pearson(y, -y) == pytest.approx(-1)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -84,32 +87,50 @@ def test_auroc_and_auprc_match_their_slow_twins(seed):
     positive[:2] = [True, False]
     # Coarse integer scores make many ties, the case a rank formula gets wrong first.
     score = rng.integers(0, 6, n).astype(float) if seed % 2 else rng.normal(size=n) + positive
-    assert ev.auroc(positive, score) == pytest.approx(auroc_pairs(positive, score), abs=1e-12)
-    assert ev.auprc(positive, score) == pytest.approx(auprc_steps(positive, score), abs=1e-12)
+    assert probes.auroc(positive, score) == pytest.approx(auroc_pairs(positive, score), abs=1e-12)
+    assert probes.auprc(positive, score) == pytest.approx(auprc_steps(positive, score), abs=1e-12)
     a, b = rng.normal(size=n), rng.normal(size=n)
-    assert ev.pearson(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
+    assert probes.pearson(a, b) == pytest.approx(np.corrcoef(a, b)[0, 1])
 
 
 def test_macro_metrics_skip_classes_absent_from_the_test_set():
     rng = np.random.default_rng(0)
     # class 2 never occurs
     y, prob = np.array([0, 0, 1, 1, 0, 1]), rng.dirichlet(np.ones(3), size=6)
-    expected = np.mean([ev.auroc(y == c, prob[:, c]) for c in (0, 1)])
-    assert ev.CLASSIFICATION["auroc"](y, prob) == pytest.approx(expected)
+    expected = np.mean([probes.auroc(y == c, prob[:, c]) for c in (0, 1)])
+    assert probes.CLASSIFICATION["auroc"](y, prob) == pytest.approx(expected)
     # binary: class 1
-    assert ev.CLASSIFICATION["auroc"](y, prob[:, :2]) == ev.auroc(y == 1, prob[:, 1])
+    assert probes.CLASSIFICATION["auroc"](y, prob[:, :2]) == probes.auroc(y == 1, prob[:, 1])
 
 
 def test_bootstrap_interval_brackets_the_value_and_is_reproducible():
     rng = np.random.default_rng(1)
     y = rng.random(80) < 0.5
     score = y + rng.normal(size=80)
-    first = ev.with_ci({"auroc": ev.auroc}, [y, score])["auroc"]
-    assert first == ev.with_ci({"auroc": ev.auroc}, [y, score])["auroc"]
+    first = probes.with_ci({"auroc": probes.auroc}, [y, score])["auroc"]
+    assert first == probes.with_ci({"auroc": probes.auroc}, [y, score])["auroc"]
     assert (first["ci"][0] < first["value"] < first["ci"][1]
             and first["ci"][1] - first["ci"][0] < 0.4)
 
 # ===== probes =====
+
+def logistic(x, y, split, **kwargs):
+    """probes.logistic_probe, its test predictions scored as eval.py scores them."""
+    fitted = probes.logistic_probe(x, y, split, **kwargs)
+    return {**probes.with_ci(probes.CLASSIFICATION, [y[split == "test"], fitted["test_prob"]]),
+            **fitted}
+
+
+def knn(x, y, split, **kwargs):
+    fitted = probes.knn_probe(x, y, split, **kwargs)
+    return probes.with_ci(probes.CLASSIFICATION, [y[split == "test"], fitted["test_prob"]])
+
+
+def ridge(x, target, split, **kwargs):
+    fitted = probes.ridge_probe(x, target, split, **kwargs)
+    return {**probes.with_ci(probes.REGRESSION, [target[split == "test"], fitted["test_pred"]]),
+            **fitted}
+
 
 def planted(n=300, dim=32, seed=0):
     """Gaussian features, a split column 60/20/20, and a latent that only feature 3 carries."""
@@ -121,13 +142,13 @@ def planted(n=300, dim=32, seed=0):
 
 def test_logistic_probe_finds_a_planted_signal_and_not_noise():
     x, latent, split, rng = planted()
-    found = ev.logistic_probe(x, (latent > 0).astype(int), split)
+    found = logistic(x, (latent > 0).astype(int), split)
     assert found["auroc"]["value"] > 0.9 and found["accuracy"]["value"] > 0.8
-    chance = ev.logistic_probe(x, (rng.random(len(x)) < 0.5).astype(int), split)
+    chance = logistic(x, (rng.random(len(x)) < 0.5).astype(int), split)
     assert 0.3 < chance["auroc"]["value"] < 0.7
     assert chance["l2"] >= found["l2"]  # noise should want at least as much regularisation
     three = np.digitize(latent, [-0.5, 0.5])  # three classes from the same latent
-    multi = ev.logistic_probe(x, three, split)
+    multi = logistic(x, three, split)
     assert (multi["accuracy"]["value"] > 0.6
             and multi["auroc"]["value"] > 0.85)  # chance: 1/3 and 0.5
 
@@ -136,18 +157,18 @@ def test_knn_probe_votes_with_the_nearest_train_images():
     x, latent, split, rng = planted()
     y = (latent > 0).astype(int)
     clustered = x + 4 * np.eye(x.shape[1])[y]  # each class pushed along its own axis
-    assert ev.knn_probe(clustered, y, split)["accuracy"]["value"] > 0.9
-    assert 0.3 < ev.knn_probe(x, (rng.random(len(x)) < 0.5).astype(int),
+    assert knn(clustered, y, split)["accuracy"]["value"] > 0.9
+    assert 0.3 < knn(x, (rng.random(len(x)) < 0.5).astype(int),
                               split)["auroc"]["value"] < 0.7
 
 
 def test_ridge_probe_recovers_a_linear_target_and_shrinks_on_noise():
     x, latent, split, rng = planted()
     age = 50 + 10 * latent
-    found = ev.ridge_probe(x, age, split)
+    found = ridge(x, age, split)
     assert (found["r2"]["value"] > 0.8 and found["pearson"]["value"] > 0.9
             and found["mae"]["value"] < 4)
-    noise = ev.ridge_probe(x, rng.normal(size=len(x)), split)
+    noise = ridge(x, rng.normal(size=len(x)), split)
     # Pure noise: val should push alpha far above the clean case's, and R^2 should stay near 0.
     assert noise["alpha"] >= 100 * found["alpha"] and noise["r2"]["value"] < 0.1
 
@@ -155,13 +176,13 @@ def test_ridge_probe_recovers_a_linear_target_and_shrinks_on_noise():
 def test_ridge_matches_the_normal_equations():
     x, latent, split, _ = planted(n=100, dim=8)
     train = split == "train"
-    z = ev.standardize(x, train)
+    z = probes.standardize(x, train)
     # One alpha in the grid makes the selection trivial; the SVD form must equal (X'X + aI)^-1 X'y.
     target = latent * 3 + 1
     w = np.linalg.solve(z[train].T @ z[train] + 10 * np.eye(8),
                         z[train].T @ (target[train] - target[train].mean()))
     expected = z[split == "test"] @ w + target[train].mean()
-    result = ev.ridge_probe(x, target, split, alpha_grid=(10.0,))
+    result = ridge(x, target, split, alpha_grid=(10.0,))
     assert result["mae"]["value"] == pytest.approx(
         np.mean(np.abs(expected - target[split == "test"])))
 
@@ -179,9 +200,9 @@ def test_seg_head_learns_a_mask_from_features_that_carry_it():
     # (B, D, g, g) -> (B, N, D): the patch tokens as the backbone hands them out
     patch = torch.tensor(features, dtype=torch.float32).flatten(2).transpose(1, 2)
     true = torch.from_numpy(masks).repeat_interleave(4, 1).repeat_interleave(4, 2)  # 4x the grid
-    head = ev.train_seg_head(patch[:16], true[:16], steps=150)
-    pred = np.concatenate(list(ev.predict_masks(head, patch, list(range(16, 24)))))
-    assert ev.dice_iou(pred, true[16:].numpy())[0].mean() > 0.9
+    head = probes.train_seg_head(patch[:16], true[:16], steps=150)
+    pred = np.concatenate(list(probes.predict_masks(head, patch, list(range(16, 24)))))
+    assert probes.dice_iou(pred, true[16:].numpy())[0].mean() > 0.9
 
 
 def test_the_segmentation_probe_converges_whatever_its_seed():
@@ -196,9 +217,9 @@ def test_the_segmentation_probe_converges_whatever_its_seed():
     true = torch.from_numpy(masks).repeat_interleave(4, 1).repeat_interleave(4, 2)
     probabilities = []
     for seed in (0, 1):
-        head = ev.train_seg_head(patch[:16], true[:16], steps=200, seed=seed)
+        head = probes.train_seg_head(patch[:16], true[:16], steps=200, seed=seed)
         with torch.no_grad():
-            probabilities.append(torch.sigmoid(head(ev.tokens_to_grid(patch[16:]))[:, 0]))
+            probabilities.append(torch.sigmoid(head(probes.tokens_to_grid(patch[16:]))[:, 0]))
     assert (probabilities[0] - probabilities[1]).abs().max() < 0.05
 
 
@@ -313,13 +334,13 @@ def write_train_checkpoint(path, img_size=56):
 
 def test_random_path_is_the_same_architecture_with_seed_0_weights(tmp_path):
     checkpoint = write_train_checkpoint(tmp_path / "run" / "checkpoint_000010.pt")
-    trained = ev.load_model(str(checkpoint))
-    random = ev.load_model(f"random:{checkpoint}")
+    trained = backbones.load_model(str(checkpoint))
+    random = backbones.load_model(f"random:{checkpoint}")
     assert random.args == trained.args and len(random.blocks) == 2
     assert not torch.equal(random.pos_embed, trained.pos_embed)
-    assert torch.equal(random.pos_embed, ev.load_model(f"random:{checkpoint}").pos_embed)
+    assert torch.equal(random.pos_embed, backbones.load_model(f"random:{checkpoint}").pos_embed)
     with pytest.raises(ValueError, match="random:nowhere: 'nowhere' is neither an architecture"):
-        ev.load_model("random:nowhere")
+        backbones.load_model("random:nowhere")
 
 
 def test_random_export_is_the_random_checkpoint(tmp_path):
@@ -334,8 +355,8 @@ def test_random_export_is_the_random_checkpoint(tmp_path):
     state = {f"teacher.backbone.{k}": v for k, v in backbone.state_dict().items()}
     torch.save({"backbone_args": backbone.args, "model": state}, checkpoint)
     weights.save_hf(backbone, tmp_path / "run" / "export")
-    from_checkpoint = ev.load_model(f"random:{checkpoint}")
-    from_export = ev.load_model(f"random:{tmp_path / 'run' / 'export'}")
+    from_checkpoint = backbones.load_model(f"random:{checkpoint}")
+    from_export = backbones.load_model(f"random:{tmp_path / 'run' / 'export'}")
     assert from_export.blocks[0].ls1.gamma.eq(1.0).all()
     x = torch.randn(3, 1, 56, 56)
     torch.testing.assert_close(from_export(x), from_checkpoint(x))
@@ -350,25 +371,27 @@ def test_the_cache_key_follows_the_weights_and_device_not_the_model_card(tmp_pat
     table = tmp_path / "labels.csv"
     table.write_text("image,split\n")
     for spec in (str(export), f"random:{export}"):
-        key = ev.cache_key(spec, table, 56)
+        key = backbones.cache_key(spec, table, 56)
         results = {spec: {"knn/finding": {"auroc": {"value": 0.5, "ci": [0.4, 0.6]}}}}
-        ev.update_model_card(export, results, "python eval.py")
-        assert ev.cache_key(spec, table, 56) == key
-        assert ev.cache_key(spec, table, 56, device="cuda") != key
-    key = ev.cache_key(str(export), table, 56)
+        weights.update_model_card(export, ev.results_table(results), list(results),
+                                  "python eval.py")
+        assert backbones.cache_key(spec, table, 56) == key
+        assert backbones.cache_key(spec, table, 56, device="cuda") != key
+    key = backbones.cache_key(str(export), table, 56)
     weights.save_hf(raddino.build_vit("vit_tiny", img_size=56, in_chans=1, depth=2), export)
-    assert ev.cache_key(str(export), table, 56) != key
+    assert backbones.cache_key(str(export), table, 56) != key
 
 
-def test_no_backbone_compares_the_newest_checkpoint_with_its_random_init(phantom_set, tmp_path,
-                                                                         monkeypatch, capsys):
+def test_no_backbone_compares_the_newest_checkpoint_with_both_controls(phantom_set, tmp_path,
+                                                                       monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     checkpoint = write_train_checkpoint(Path("runs") / "demo" / "checkpoint_000010.pt")
     report = ev.main(["--data", str(phantom_set), "--task", "knn", "--out", "e/r.json",
                       "--workers", "0"])
-    assert report["backbones"] == [str(checkpoint), f"random:{checkpoint}"]
+    assert report["backbones"] == [str(checkpoint), f"random:{checkpoint}", "pixels"]
     assert report["size"] == 56  # the checkpoint's img_size, not 224
-    assert report["backbone_img_size"] == {spec: 56 for spec in report["backbones"]}
+    assert report["backbone_img_size"] == {str(checkpoint): 56, f"random:{checkpoint}": 56,
+                                           "pixels": None}
     assert "56 px (the img_size of runs/demo/checkpoint_000010.pt)" in capsys.readouterr().out
 
 # ===== streamed and chunked against all in memory =====
@@ -388,7 +411,7 @@ def knn_all_at_once(features, y, split, k=20, temperature=0.07):
         weights = np.exp(similarity[row, nearest] / temperature)
         for j, w in zip(nearest, weights / weights.sum()):
             votes[row, y[split == "train"][j]] += w
-    return ev.with_ci(ev.CLASSIFICATION, [y[split == "test"], votes])
+    return probes.with_ci(probes.CLASSIFICATION, [y[split == "test"], votes])
 
 
 def assert_same_metrics(a, b, tolerance):
@@ -400,10 +423,10 @@ def assert_same_metrics(a, b, tolerance):
 def test_chunked_knn_and_float32_logistic_match_the_all_in_memory_versions():
     x, latent, split, _ = planted()
     y = np.digitize(latent, [-0.5, 0.5])
-    assert_same_metrics(ev.knn_probe(x, y, split, chunk_rows=7), knn_all_at_once(x, y, split), 1e-6)
+    assert_same_metrics(knn(x, y, split, chunk_rows=7), knn_all_at_once(x, y, split), 1e-6)
     binary = (latent > 0).astype(int)
-    single = ev.logistic_probe(x, binary, split)
-    double = ev.logistic_probe(x, binary, split, dtype=torch.float64)
+    single = logistic(x, binary, split)
+    double = logistic(x, binary, split, dtype=torch.float64)
     assert single["l2"] == double["l2"]
     assert_same_metrics(single, double, 1e-3)
 
@@ -414,10 +437,10 @@ def test_seg_head_trained_from_files_on_disk_is_the_one_trained_in_memory(tmp_pa
     masks = rng.random((10, 8, 8)) < 0.4
     np.save(tmp_path / "patch.npy", patch)
     np.save(tmp_path / "masks.npy", masks)
-    on_disk = ev.train_seg_head(ev.RowSubset(ev.NpyRows(tmp_path / "patch.npy"), range(2, 10)),
-                                ev.RowSubset(ev.NpyRows(tmp_path / "masks.npy"), range(2, 10)),
-                                steps=20)
-    in_memory = ev.train_seg_head(torch.tensor(patch[2:]).float(), torch.tensor(masks[2:]),
+    on_disk = probes.train_seg_head(np.load(tmp_path / "patch.npy", mmap_mode="r"),
+                                    np.load(tmp_path / "masks.npy", mmap_mode="r"),
+                                    rows=range(2, 10), steps=20)
+    in_memory = probes.train_seg_head(torch.tensor(patch[2:]).float(), torch.tensor(masks[2:]),
                                   steps=20)
     for a, b in zip(on_disk.state_dict().values(), in_memory.state_dict().values()):
         assert torch.equal(a, b)
@@ -425,22 +448,20 @@ def test_seg_head_trained_from_files_on_disk_is_the_one_trained_in_memory(tmp_pa
 
 def test_streamed_features_match_one_forward_pass(phantom_set, tmp_path):
     rows = data.read_table(phantom_set)[:10]
-    model = ev.load_model("random:vit_tiny")
+    model = backbones.load_model("random:vit_tiny")
     for block in model.blocks:  # LayerScale 1e-5 would hide the blocks: let them act
         block.ls1.gamma.data.fill_(0.5)
         block.ls2.gamma.data.fill_(0.5)
-    features = ev.extract_features(model, rows, 56, patch_rows=[1, 4, 9], seg_blocks=[3, 11],
+    features = backbones.extract_features(model, rows, 56, patch_rows=[1, 4, 9], seg_blocks=[3, 11],
                                    patch_file=tmp_path / "patch.npy", batch_size=3)
     with torch.no_grad():
-        images = ev.load_batch(rows, 56)
+        images = pictures.load_batch(rows, 56)
         tokens = model.forward_features(images)
         layers = model.get_intermediate_layers(images, blocks=[3, 11])
     torch.testing.assert_close(features["cls"], tokens["cls"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(features["avgpool"], tokens["patch"].mean(1), atol=1e-4, rtol=1e-4)
     expected = torch.cat([layers[0][0], layers[1][0]], dim=2)[[1, 4, 9]]  # (3, N, 2D)
     patch = torch.from_numpy(np.load(tmp_path / "patch.npy")).float()
-    assert np.array_equal(ev.NpyRows(tmp_path / "patch.npy")[[2, 0]],
-                          np.load(tmp_path / "patch.npy")[[2, 0]])
     torch.testing.assert_close(patch, expected, atol=1e-2, rtol=1e-2)  # float16 on disk
     assert features["last4"].shape == (10, 4 * 192)
 
@@ -478,9 +499,9 @@ def test_embed_writes_every_row_with_its_id_and_reads_back(phantom_set, tmp_path
     assert metadata["backbone"] == "random:vit_tiny" and metadata["size"] == "56"
     assert tensors["cls"].shape == (40, 192) and tensors["features"].shape == (40, 5 * 192)
     assert tensors["patch"].shape == (40, 16, 192)
-    model = ev.load_model("random:vit_tiny")
+    model = backbones.load_model("random:vit_tiny")
     with torch.no_grad():
-        tokens = model.forward_features(ev.load_batch(rows[5:7], 56))
+        tokens = model.forward_features(pictures.load_batch(rows[5:7], 56))
     torch.testing.assert_close(tensors["cls"][5:7], tokens["cls"], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(tensors["patch"][5:7].float(), tokens["patch"], atol=1e-2, rtol=1e-2)
     # DINOv2's linear input: the CLS of the last 4 blocks, then the mean patch token
@@ -536,15 +557,97 @@ def test_the_model_card_gets_an_evaluation_section_once(tmp_path):
     metric = {"value": 0.5, "ci": [0.25, 0.75]}
     for value in (0.5, 0.6):
         results = {str(tmp_path): {"knn/x": {"auroc": {**metric, "value": value}}}}
-        ev.update_model_card(tmp_path, results, "python eval.py --backbone X")
+        weights.update_model_card(tmp_path, ev.results_table(results), list(results),
+                                  "python eval.py --backbone X")
     text = card.read_text()
     assert text.count("## Evaluation") == 1 and "old" not in text and "## License\n\nMIT" in text
     assert "| knn/x | auroc | 0.600 [0.250, 0.750] |" in text and "0.500 [" not in text
     assert "`python eval.py --backbone X`" in text
     # Another data set gets its own part; the first stays.
     results = {str(tmp_path): {"seg": {"dice": {**metric, "value": 0.7}}}}
-    ev.update_model_card(tmp_path, results, "python eval.py --data other", data_name="other")
+    weights.update_model_card(tmp_path, ev.results_table(results), list(results),
+                              "python eval.py --data other", data_name="other")
     text = card.read_text()
     assert "### data\n" in text and "### other\n" in text and text.count("## Evaluation") == 1
     assert "| knn/x | auroc | 0.600" in text and "| seg | dice | 0.700" in text
     assert text.rstrip().endswith("MIT")
+
+# ===== the thumbnail control, folds, and caches that cannot go stale =====
+
+
+def test_the_thumbnail_is_an_area_downsample_and_the_raw_patches():
+    model = backbones.load_model("pixels:7")
+    x = torch.randn(2, 1, 56, 56)
+    tokens = model.forward_features(x)
+    # 56 px in 7 x 7 cells of 8 x 8 pixels, each cell's mean
+    area = x.numpy().reshape(2, 7, 8, 7, 8).mean((2, 4)).reshape(2, 49)
+    np.testing.assert_allclose(tokens["cls"].numpy(), area, atol=1e-6)
+    # 4 x 4 patches of 14 x 14 pixels, row by row, each patch's pixels row by row
+    patches = x.numpy().reshape(2, 4, 14, 4, 14).transpose(0, 1, 3, 2, 4).reshape(2, 16, 196)
+    np.testing.assert_array_equal(tokens["patch"].numpy(), patches)
+    assert backbones.load_model("pixels").grid == 14
+    with pytest.raises(ValueError, match="pixels:G"):
+        backbones.load_model("pixels:big")
+
+
+def test_folds_put_every_row_in_test_once_and_no_patient_on_two_sides():
+    rows = [{"patient": f"p{i // 3}"} for i in range(30)] + [{"patient": None}] * 4
+    splits = ev.fold_splits(rows, 5)
+    tested = np.sum([split == "test" for split in splits], axis=0)
+    assert tested.tolist() == [1] * 34
+    patients = np.array([row["patient"] or f"row {i}" for i, row in enumerate(rows)])
+    for split in splits:
+        sides = [set(patients[split == side]) for side in ("train", "val", "test")]
+        assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+        assert all(sides)
+    assert all((a == b).all() for a, b in zip(splits, ev.fold_splits(rows, 5)))  # a fixed seed
+
+
+def test_folds_score_the_pooled_out_of_fold_predictions(phantom_set, tmp_path):
+    report = ev.main(["--backbone", "pixels", "--data", str(phantom_set), "--size", "56",
+                      "--workers", "0", "--task", "knn", "age", "--folds", "4",
+                      "--out", str(tmp_path / "r.json")])
+    results = report["results"]["pixels"]
+    assert results["knn/finding"]["n"] == {"folds": 4, "test": 40}  # every row, once
+    assert results["age"]["n"] == {"folds": 4, "test": 40} and len(results["age"]["alpha"]) == 4
+    with pytest.raises(SystemExit):
+        ev.parse_args(["--folds", "1"])
+
+
+def test_a_run_killed_between_the_feature_files_leaves_a_consistent_cache(phantom_set, tmp_path,
+                                                                          monkeypatch):
+    """seg caches the patch tokens of the rows with a mask; embed --patch-grid redoes the
+    cache for every row. Killed between its two files, the next seg must read the tokens of
+    its own rows, not another run's."""
+    half_masked = rewrite(phantom_set / "labels.csv", tmp_path,
+                          lambda row: {**row, "mask": "" if row["image"][-5] in "13579"
+                                       else row["mask"]})
+    argv = ["--backbone", "random:vit_tiny", "--data", str(half_masked), "--size", "56",
+            "--workers", "0", "--out", str(tmp_path / "r.json")]
+    first = ev.main(argv + ["--task", "seg"])["results"]["random:vit_tiny"]["seg"]
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ev.main(argv + ["--task", "embed", "--patch-grid"])
+    monkeypatch.undo()
+    again = ev.main(argv + ["--task", "seg"])["results"]["random:vit_tiny"]["seg"]
+    assert again["dice"] == first["dice"]
+
+
+def test_an_edited_mask_is_read_again(phantom_set, tmp_path):
+    edited = tmp_path / "mask.png"
+    rows = data.read_table(phantom_set)
+    Image.open(rows[0]["mask"]).save(edited)
+    table = rewrite(phantom_set / "labels.csv", tmp_path,
+                    lambda row: {**row, "mask": str(edited) if row["image"].endswith(
+                        Path(rows[0]["image"]).name) else row["mask"]})
+    argv = ["--backbone", "pixels", "--data", str(table), "--size", "56", "--workers", "0",
+            "--task", "seg", "--out", str(tmp_path / "r.json")]
+    ev.main(argv)
+    Image.fromarray(255 - np.asarray(Image.open(edited))).save(edited)  # the table is untouched
+    ev.main(argv)
+    first, second = sorted(tmp_path.glob("masks-*.npy"), key=lambda p: p.stat().st_mtime_ns)
+    assert not np.array_equal(np.load(first)[0], np.load(second)[0])

@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 import data
-import eval as ev
+import probes
 import phantoms
 
 
@@ -88,9 +88,9 @@ def test_no_label_is_a_global_statistic(tmp_path):
     finding = np.array([r["finding"] for r in rows])
     for name, value in statistics.items():
         # An AUROC's standard error here is ~0.03-0.04, so 0.1 is ~3 of them.
-        assert abs(ev.auroc(male, value) - 0.5) < 0.1, name
+        assert abs(probes.auroc(male, value) - 0.5) < 0.1, name
         for kind in phantoms.FINDINGS:
-            assert abs(ev.auroc(finding == kind, value) - 0.5) < 0.1, (name, kind)
+            assert abs(probes.auroc(finding == kind, value) - 0.5) < 0.1, (name, kind)
         if name in ("mean", "std"):  # a bigger heart takes lung area: age may show there
             assert np.corrcoef(value, age)[0, 1] ** 2 < 0.03, name
 
