@@ -3,7 +3,7 @@
     python bench.py augment [--n 200] [--size 518] [--workdir DIR]
     python bench.py train [--arch vit_base] [--batch 64] [--global-size 224] [--local-size 98]
                           [--n-local 8]
-    python bench.py gpu      # on a CUDA machine: the whole GPU road, one table, ~8 minutes
+    python bench.py gpu [--part smoke cuda-tests step memory learn torchrun] [--dry-run]
     python bench.py eval [--rows 1000 4000 16000] [--arch vit_tiny] [--size 56] [--workers 1]
 
 augment: images per second on ONE thread, from a PNG on disk to finished crops (2 x 224 +
@@ -47,6 +47,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import bench_gpu  # noqa: E402
 import data  # noqa: E402
 import phantoms  # noqa: E402
 import raddino  # noqa: E402
@@ -283,76 +284,6 @@ def train_step(args):
     print_train_result(result)
 
 
-def gpu(args):
-    """The GPU road in one command (about 8 minutes on one H100/H200-class GPU): the CUDA
-    tests, ViT-B/14 training steps compiled and eager, RAD-DINO's 518-px batch of 40 with
-    activation checkpointing, and 50 steps of train.py under torchrun on every GPU. One
-    table at the end; each part runs in its own process, so one failure does not hide the
-    rest."""
-    if not torch.cuda.is_available():
-        raise SystemExit("bench.py gpu needs a CUDA GPU; on the CPU run "
-                         "`bench.py train --device cpu`")
-    n_gpus = torch.cuda.device_count()
-    here = Path(__file__).resolve().parent
-    rows = []
-
-    def run(name, command, timeout):
-        start = time.time()
-        try:
-            result = subprocess.run(command, cwd=here, capture_output=True, text=True,
-                                    timeout=timeout)
-            ok = result.returncode == 0
-            output = result.stdout + result.stderr
-        except subprocess.TimeoutExpired as error:
-            ok = False
-            output = f"timed out after {timeout} s\n{error.stdout or ''}"
-        tail = output.strip().splitlines()[-3:] if output.strip() else [""]
-        print(f"== {name}: {'ok' if ok else 'FAILED'} in {time.time() - start:.0f} s", flush=True)
-        print("\n".join(output.strip().splitlines()[-25:]), flush=True)
-        return ok, tail
-
-    ok, tail = run("CUDA tests", [sys.executable, "-m", "pytest", "-q", "-m", "cuda"], 240)
-    rows.append(("pytest -m cuda", "ok" if ok else "FAILED", tail[-1]))
-    settings = [
-        ("ViT-B/14 2x224+8x98 b64 bf16 compiled", dict(compile=True)),
-        ("ViT-B/14 2x224+8x98 b64 bf16 eager", dict(compile=False)),
-        ("ViT-B/14 2x518+8x98 b40 bf16 compiled, checkpointing",
-         dict(compile=True, batch=40, global_size=518, grad_checkpointing=True, steps=10)),
-    ]
-    speeds = {}
-    for name, options in settings:
-        code = ("import bench, json; "
-                f"print('RESULT', json.dumps(bench.measure_train_step(**{options!r})))")
-        ok, tail = run(name, [sys.executable, "-c", code], 240)
-        line = next((t for t in tail if t.startswith("RESULT ")), None)
-        if not ok or line is None:
-            rows.append((name, "FAILED", tail[-1]))
-            continue
-        result = json.loads(line[len("RESULT "):])
-        speeds[name] = result["images_per_s"]
-        summary = (f"{result['images_per_s']:.0f} img/s, {result['peak_memory_gib']:.1f} GiB, "
-                   f"MFU {result.get('mfu', float('nan')):.1%}")
-        rows.append((name, "ok", summary))
-    compiled = speeds.get(settings[0][0])
-    eager = speeds.get(settings[1][0])
-    if compiled and eager:
-        rows.append(("compiled / eager", "ok", f"{compiled / eager:.2f}x (target >= 1.3x)"))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={n_gpus}", "train.py", "out_dir=runs/bench-gpu", "resume=false",
-                "model.arch=vit_base", "crops.global_size=224", "crops.local_size=98",
-                "train.batch_size=32", "train.steps=50", "train.log_every=10",
-                "train.save_every=50", "data.workers=4", "head.out_dim=65536",
-                "head.hidden_dim=2048", "head.bottleneck_dim=256"]
-    ok, tail = run(f"train.py x{n_gpus} GPUs, 50 steps, ViT-B/14", torchrun, 420)
-    step_lines = [t for t in tail if t.startswith("step ")]
-    rows.append((f"torchrun train.py x{n_gpus}", "ok" if ok else "FAILED",
-                 (step_lines or tail)[-1][:90]))
-    print(f"\nbench.py gpu on {torch.cuda.get_device_name(0)} x{n_gpus}, torch {torch.__version__}")
-    width = max(len(row[0]) for row in rows)
-    for name, status, detail in rows:
-        print(f"  {name:<{width}}  {status:<6}  {detail}")
-
-
 def write_long_table(phantom_table, n_rows, path):
     """A labels.csv of n_rows rows cycling through the phantoms, split 60/20/20 by row
     number, so every length has the same mix."""
@@ -436,9 +367,19 @@ def main():
     command.add_argument("--peak-tflops", type=float,
                          help="the card's dense bf16 peak, if not known here")
     command.set_defaults(run=train_step)
-    command = commands.add_parser("gpu", help="the GPU road in one command: CUDA tests, MFU, "
-                                  "518-px memory, torchrun train.py")
-    command.set_defaults(run=gpu)
+    command = commands.add_parser("gpu", help="what only a GPU shows, in parts that fit a short "
+                                  "window (bench_gpu.py)")
+    command.add_argument("--part", nargs="+", choices=bench_gpu.PARTS,
+                         help="the parts to run, smoke first (default: all)")
+    command.add_argument("--dry-run", action="store_true",
+                         help="every part at tiny sizes on the CPU: a typo costs seconds here, "
+                              "not the GPU window")
+    command.set_defaults(run=bench_gpu.gpu)
+    command = commands.add_parser("gpu-part", help="one part of bench.py gpu, in its own process")
+    command.add_argument("name", choices=bench_gpu.PARTS)
+    command.add_argument("--out-dir", required=True)
+    command.add_argument("--dry-run", action="store_true")
+    command.set_defaults(run=bench_gpu.gpu_part)
     command = commands.add_parser("eval", help="eval.py time and memory against table length")
     command.add_argument("--rows", type=int, nargs="+", default=[1000, 4000, 16000])
     command.add_argument("--arch", default="vit_tiny", choices=sorted(raddino.ARCHS))

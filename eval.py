@@ -307,7 +307,7 @@ def parse_args(argv):
                         help="what linear and embed read: parts of cls, avgpool, last4 joined "
                              "by +; last4+avgpool is DINOv2's linear probe")
     parser.add_argument("--folds", type=int, default=0,
-                        help="K >= 2: cross-validate over K folds of patients (the 'patient' "
+                        help="K >= 3: cross-validate over K folds of patients (the 'patient' "
                              "column) instead of the split column; metrics on the pooled "
                              "out-of-fold predictions")
     parser.add_argument("--patch-grid", action="store_true",
@@ -331,8 +331,9 @@ def parse_args(argv):
     if unknown:
         parser.error(f"--features {args.features}: unknown part '{unknown[0]}' "
                      f"(parts: {', '.join(POOLED)}, joined by +)")
-    if args.folds == 1 or args.folds < 0:
-        parser.error(f"--folds {args.folds}: 0 (the split column) or 2 and more")
+    if args.folds in (1, 2) or args.folds < 0:
+        # Each split needs a train, a val and a test fold.
+        parser.error(f"--folds {args.folds}: 0 (the split column) or 3 and more")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -610,8 +610,9 @@ def test_folds_score_the_pooled_out_of_fold_predictions(phantom_set, tmp_path):
     results = report["results"]["pixels"]
     assert results["knn/finding"]["n"] == {"folds": 4, "test": 40}  # every row, once
     assert results["age"]["n"] == {"folds": 4, "test": 40} and len(results["age"]["alpha"]) == 4
-    with pytest.raises(SystemExit):
-        ev.parse_args(["--folds", "1"])
+    for folds in ("1", "2"):  # no train fold beside the val and test folds
+        with pytest.raises(SystemExit):
+            ev.parse_args(["--folds", folds])
 
 
 def test_a_run_killed_between_the_feature_files_leaves_a_consistent_cache(phantom_set, tmp_path,
