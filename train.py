@@ -575,8 +575,7 @@ KoLeo) on chest X-rays alone, no text and no labels, by this repository's `train
 {a['num_heads']} heads, {a['num_register_tokens']} register tokens, \
 {n_params / 1e6:.1f}M parameters; trained on one channel, exported with 3 equal channels.
 - Input: `preprocessor_config.json`, rad-dino's processor at {a['img_size']} px: shorter \
-side to {a['img_size']}, bicubic, centre crop, x/255, mean {weights.RAD_DINO_MEAN}, \
-std {weights.RAD_DINO_STD}.
+side to {a['img_size']}, bicubic, centre crop, x/255, mean {data.MEAN}, std {data.STD}.
 - Training: {step} steps of {global_batch} images ({world_size} x \
 {config['train.batch_size']} per process), {2 + config['crops.n_local']} crops per image \
 ({global_size} px global, {config['crops.local_size']} px local).

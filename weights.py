@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import data
 import raddino
 
 # ===== safetensors =====
@@ -360,10 +361,6 @@ def load_head(model, path):
 
 # ===== Saving for transformers =====
 
-# The image statistics of RAD-DINO's processor (MIMIC-CXR), for pixels in [0, 1].
-RAD_DINO_MEAN = 0.5307
-RAD_DINO_STD = 0.2583
-
 
 def hf_config(args, channels):
     """config.json for transformers' Dinov2Model (Dinov2WithRegistersModel with registers)."""
@@ -395,7 +392,7 @@ def hf_config(args, channels):
     return config
 
 
-def preprocessor_config(image_size, mean=RAD_DINO_MEAN, std=RAD_DINO_STD):
+def preprocessor_config(image_size, mean=data.MEAN, std=data.STD):
     """preprocessor_config.json of microsoft/rad-dino's BitImageProcessor, at image_size: to
     RGB, shorter side to image_size (bicubic), centre crop, x / 255, one mean and std on
     every channel. data.preprocess is the same on one channel, to the last bit with Pillow.
