@@ -550,58 +550,15 @@ while step < total_steps:
         save_checkpoint(step)
 
 # ===== export =====
-
-
-def model_card():
-    """README.md of the export: the hub's convention for saying what a model is."""
-    a = backbone.args
-    data_lines = "\n".join(f"  - `{s['name']}`: {len(s['paths'])} images, weight {s['weight']:g}"
-                           for s in sources)
+if master:
+    export_dir = out_dir / "export"
     launcher = ["python"]
     if distributed:
         launcher = ["torchrun", f"--nproc_per_node={world_size}"]
     command = shlex.join([*launcher, "train.py", *sys.argv[1:]])
-    return f"""---
-library_name: transformers
-tags: [rad-dino, dinov2, chest-x-ray, self-supervised]
----
-# RAD-DINO-style encoder ({config['model.arch']}, trained by train.py)
-
-A Vision Transformer pretrained with DINOv2's self-supervised objective (DINO + iBOT +
-KoLeo) on chest X-rays alone, no text and no labels, by this repository's `train.py`
-(code version `{code}`). The exported network is the EMA teacher's backbone.
-
-- Architecture: ViT, patch {a['patch_size']}, width {a['embed_dim']}, {a['depth']} blocks, \
-{a['num_heads']} heads, {a['num_register_tokens']} register tokens, \
-{n_params / 1e6:.1f}M parameters; trained on one channel, exported with 3 equal channels.
-- Input: `preprocessor_config.json`, rad-dino's processor at {a['img_size']} px: shorter \
-side to {a['img_size']}, bicubic, centre crop, x/255, mean {data.MEAN}, std {data.STD}.
-- Training: {step} steps of {global_batch} images ({world_size} x \
-{config['train.batch_size']} per process), {2 + config['crops.n_local']} crops per image \
-({global_size} px global, {config['crops.local_size']} px local).
-- Data:
-{data_lines}
-
-Reproduce:
-
-```bash
-{command}
-```
-
-```python
-from transformers import pipeline
-extract = pipeline(task="image-feature-extraction", model="path/to/this/folder", pool=False)
-```
-
-The resolved configuration is in `training_config.yaml` beside this file.
-
-Research use only: not a medical device, not validated for any clinical purpose.
-"""
-
-
-if master:
-    export_dir = out_dir / "export"
-    weights.save_hf(model.teacher.backbone, export_dir, card=model_card())
+    card = weights.model_card(model.teacher.backbone, config, sources, command, code, step,
+                              world_size)
+    weights.save_hf(model.teacher.backbone, export_dir, card=card)
     (export_dir / "training_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     log(f"exported the teacher backbone to {export_dir} (transformers' Dinov2Model, with its "
         f"image processor and model card)")

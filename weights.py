@@ -9,6 +9,7 @@
     load_head                              a DINOv2-style DINO head into student and teacher
     save_hf                                a folder that transformers' AutoModel,
                                            AutoImageProcessor and pipeline() load as they are
+    model_card                             the README.md of a train.py export
 
 Nothing here runs code from a file: .pth files are read with torch.load(weights_only=True)
 and safetensors files are checked byte by byte before a tensor is made.
@@ -440,3 +441,51 @@ def save_hf(model, out_dir, channels=3, image_size=None, card=None):
     if card:
         atomic_write_text(out_dir / "README.md", card)
     return out_dir
+
+
+def model_card(backbone, config, sources, command, code, step, world_size):
+    """README.md of a train.py export, the hub's convention for saying what a model is: the
+    network (`backbone`, the exported ViT), how it was trained (the resolved `config`, `step`
+    steps on `world_size` processes, by code version `code`, from `sources` as
+    data.read_sources gives them) and the `command` that reproduces it."""
+    a = backbone.args
+    n_params = sum(p.numel() for p in backbone.parameters())
+    global_batch = world_size * config["train.batch_size"]
+    data_lines = "\n".join(f"  - `{s['name']}`: {len(s['paths'])} images, weight {s['weight']:g}"
+                           for s in sources)
+    return f"""---
+library_name: transformers
+tags: [rad-dino, dinov2, chest-x-ray, self-supervised]
+---
+# RAD-DINO-style encoder ({config['model.arch']}, trained by train.py)
+
+A Vision Transformer pretrained with DINOv2's self-supervised objective (DINO + iBOT +
+KoLeo) on chest X-rays alone, no text and no labels, by this repository's `train.py`
+(code version `{code}`). The exported network is the EMA teacher's backbone.
+
+- Architecture: ViT, patch {a['patch_size']}, width {a['embed_dim']}, {a['depth']} blocks, \
+{a['num_heads']} heads, {a['num_register_tokens']} register tokens, \
+{n_params / 1e6:.1f}M parameters; trained on one channel, exported with 3 equal channels.
+- Input: `preprocessor_config.json`, rad-dino's processor at {a['img_size']} px: shorter \
+side to {a['img_size']}, bicubic, centre crop, x/255, mean {data.MEAN}, std {data.STD}.
+- Training: {step} steps of {global_batch} images ({world_size} x \
+{config['train.batch_size']} per process), {2 + config['crops.n_local']} crops per image \
+({config['crops.global_size']} px global, {config['crops.local_size']} px local).
+- Data:
+{data_lines}
+
+Reproduce:
+
+```bash
+{command}
+```
+
+```python
+from transformers import pipeline
+extract = pipeline(task="image-feature-extraction", model="path/to/this/folder", pool=False)
+```
+
+The resolved configuration is in `training_config.yaml` beside this file.
+
+Research use only: not a medical device, not validated for any clinical purpose.
+"""

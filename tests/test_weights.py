@@ -309,6 +309,19 @@ def test_save_hf_writes_the_model_card_only_when_given(tmp_path):
     assert processor["crop_size"] == {"height": 56, "width": 56}
 
 
+def test_the_model_card_describes_the_network_the_run_and_the_data():
+    config = {"model.arch": "vit_tiny", "train.batch_size": 4, "crops.n_local": 2,
+              "crops.global_size": 56, "crops.local_size": 28}
+    sources = [{"name": "data/a", "paths": ["x.png"] * 6, "weight": 2.5}]
+    card = weights.model_card(tiny(), config, sources, "torchrun train.py", "abc1234", 7, 2)
+    assert card.startswith("---\nlibrary_name: transformers") and "`abc1234`" in card
+    assert "ViT, patch 14, width 64, 2 blocks, 2 heads, 0 register tokens" in card
+    assert f"mean {data.MEAN}, std {data.STD}" in card  # the processor's, as save_hf writes it
+    assert "7 steps of 8 images (2 x 4 per process), 4 crops per image" in card
+    assert "(56 px global, 28 px local)" in card
+    assert "  - `data/a`: 6 images, weight 2.5\n" in card and "torchrun train.py\n" in card
+
+
 @needs_covid
 def test_a_training_runs_export_has_its_card_and_works_in_transformers(tmp_path):
     """End to end: a fresh train.py run's export describes itself (model card, config) and
