@@ -190,22 +190,10 @@ for source in sources:
     log(f"data: {len(source['paths'])} images, weight {source['weight']:g}, "
         f"from {source['name']}{synthetic}")
 
-global_size = config["crops.global_size"]
-patch_size = config["model.patch_size"]
-multicrop = data.MultiCrop(
-    global_size=global_size,
-    local_size=config["crops.local_size"],
-    n_local=config["crops.n_local"],
-    global_scale=tuple(config["crops.global_scale"]),
-    local_scale=tuple(config["crops.local_scale"]),
-    flip_prob=config["crops.flip_prob"],
-    jitter_prob=config["crops.jitter_prob"],
-    brightness=config["crops.brightness"],
-    contrast=config["crops.contrast"],
-    blur_probs=tuple(config["crops.blur_probs"]),
-    solarize_prob=config["crops.solarize_prob"],
-)
-mask_generator = data.MaskGenerator(global_size // patch_size)
+# The crops.* keys are MultiCrop's parameter names (a test keeps them so).
+crops = {key[len("crops."):]: value for key, value in config.items() if key.startswith("crops.")}
+multicrop = data.MultiCrop(**crops)
+mask_generator = data.MaskGenerator(config["crops.global_size"] // config["model.patch_size"])
 
 # ===== model =====
 init_backbone = config["init.backbone"]
@@ -226,8 +214,8 @@ else:
     # From scratch, the stored grid is the global crop's, as DINOv2 builds it.
     backbone = raddino.build_vit(
         config["model.arch"],
-        img_size=global_size,
-        patch_size=patch_size,
+        img_size=config["crops.global_size"],
+        patch_size=config["model.patch_size"],
         in_chans=1,
         num_register_tokens=config["model.registers"],
         layerscale_init=config["model.layerscale_init"],
