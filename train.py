@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from PIL import Image, ImageDraw
 
 import data
 import phantoms
+import plot
 import raddino
 import weights
 
@@ -342,6 +342,15 @@ if config["resume"] and checkpoint_paths():
     log(f"resumed from {path} at step {start_step}")
 
 
+# loss.png, redrawn at each checkpoint: the total and each term times its weight, as the
+# total adds them (the legend names any weight other than 1).
+LOSS_PANELS = [{"loss": 1.0,
+                "dino_local": config["loss.dino_weight"],
+                "dino_global": config["loss.dino_weight"],
+                "ibot": config["loss.ibot_weight"],
+                "koleo": config["loss.koleo_weight"]}]
+
+
 def save_checkpoint(step):
     """Everything needed to continue bitwise: weights, optimiser, step, every rank's RNG and
     the history (the loader needs only the step). Written atomically; old ones pruned."""
@@ -363,42 +372,8 @@ def save_checkpoint(step):
     weights.atomic_write(path, lambda f: torch.save(state, f))
     for old in checkpoint_paths()[:-config["train.keep_checkpoints"]]:
         old.unlink()
-    draw_loss_curve(out_dir / "loss.png")
+    plot.draw_curves(history, LOSS_PANELS, out_dir / "loss.png")
     log(f"saved {path}")
-
-
-def draw_loss_curve(path, width=640, height=360, pad=40):
-    """The total and per-term losses against the step, drawn with Pillow (KoLeo x its weight)."""
-    if len(history) < 2:
-        return
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    colours = {"loss": (0, 0, 0), "dino_local": (31, 119, 180), "dino_global": (44, 160, 44),
-               "ibot": (214, 39, 40), "koleo": (148, 103, 189)}
-    scales = {term: config["loss.koleo_weight"] if term == "koleo" else 1.0 for term in colours}
-    values = [h[term] * scales[term] for h in history for term in colours]
-    top = max(values)
-    bottom = min(values)
-    first_step = history[0]["step"]
-    last_step = history[-1]["step"]
-
-    def x(step):
-        return pad + (width - 2 * pad) * (step - first_step) / max(1, last_step - first_step)
-
-    def y(value):
-        return height - pad - (height - 2 * pad) * (value - bottom) / max(top - bottom, 1e-9)
-
-    draw.rectangle([pad, pad, width - pad, height - pad], outline=(180, 180, 180))
-    for i, (term, colour) in enumerate(colours.items()):
-        points = [(x(h["step"]), y(h[term] * scales[term])) for h in history]
-        draw.line(points, fill=colour, width=2)
-        label = term if scales[term] == 1.0 else f"{term} x{scales[term]:g}"
-        draw.text((pad + 5 + 100 * i, 8), label, fill=colour)
-    draw.text((pad, height - pad + 8), f"step {first_step}", fill=(0, 0, 0))
-    draw.text((width - pad - 70, height - pad + 8), f"step {last_step}", fill=(0, 0, 0))
-    draw.text((5, pad - 12), f"{top:.2f}", fill=(0, 0, 0))
-    draw.text((5, height - pad - 12), f"{bottom:.2f}", fill=(0, 0, 0))
-    image.save(path)
 
 
 # ===== loop =====
