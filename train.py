@@ -341,6 +341,28 @@ if config["resume"] and checkpoint_paths():
         torch.cuda.set_rng_state(rng["cuda"], device)
     log(f"resumed from {path} at step {start_step}")
 
+# Files skipped per source (data.on_bad_file=skip), all of their bookkeeping: each rank
+# counts those it met; rank 0 also carries the checkpoint's counts (summed over ranks when it
+# was saved) if it counted the same sources; skipped_files() sums over ranks for the log and
+# the checkpoints.
+names = [source["name"] for source in sources]
+skipped = [0] * len(sources)
+earlier_names = [name for name, _ in earlier_skips]
+if start_step and earlier_names != names:
+    log(f"skipped-file counts start again at 0: the checkpoint counted them for "
+        f"{earlier_names or 'no sources'}, this run reads {names}")
+elif start_step and master:
+    skipped = [n for _, n in earlier_skips]
+
+
+def skipped_files():
+    """[[source name, files skipped so far]], summed over every rank."""
+    total = torch.tensor(skipped, device=device)
+    if distributed:
+        dist.all_reduce(total)
+    return [[name, n] for name, n in zip(names, total.tolist())]
+
+
 
 # loss.png, redrawn at each checkpoint: the total and each term times its weight, as the
 # total adds them (the legend names any weight other than 1).
@@ -360,14 +382,12 @@ def save_checkpoint(step):
     all_rng = [rng] * world_size
     if distributed:
         dist.all_gather_object(all_rng, rng)
-    skipped_files = skipped_over_ranks()
+    skipped_so_far = skipped_files()  # every rank takes part in the sum
     if not master:
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "rng": all_rng, "history": history, "config": config,
-             "backbone_args": backbone.args, "code": code,
-             "skipped_files": [[source["name"], n]
-                               for source, n in zip(sources, skipped_files)]}
+             "backbone_args": backbone.args, "code": code, "skipped_files": skipped_so_far}
     path = out_dir / f"checkpoint_{step:07d}.pt"
     weights.atomic_write(path, lambda f: torch.save(state, f))
     for old in checkpoint_paths()[:-config["train.keep_checkpoints"]]:
@@ -382,26 +402,6 @@ log(f"training steps {start_step} -> {total_steps}: global batch {global_batch} 
     f"(x{2 + config['crops.n_local']} crops), peak lr {peak_lr:.2e}, "
     f"one epoch = {epoch_length} steps")
 metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
-# Files skipped per source: this rank's, and on rank 0 also those before a resume
-# (skipped_over_ranks sums them for the log and the checkpoints).
-skipped = [0] * len(sources)
-names = [source["name"] for source in sources]
-earlier_names = [name for name, _ in earlier_skips]
-if start_step and earlier_names != names:
-    log(f"skipped-file counts start again at 0: the checkpoint counted them for "
-        f"{earlier_names or 'no sources'}, this run reads {names}")
-elif start_step and rank == 0:
-    skipped = [n for _, n in earlier_skips]
-
-
-def skipped_over_ranks():
-    """Files skipped so far per source, summed over every rank (each rank skips its own)."""
-    total = torch.tensor(skipped, device=device)
-    if distributed:
-        dist.all_reduce(total)
-    return total.tolist()
-
-
 warned = False
 window_start = time.time()
 window_images = 0
@@ -419,7 +419,7 @@ def log_step(step, diagnostics, scheduled):
         dist.all_reduce(terms)
         terms /= world_size
     terms = dict(zip(TERMS, terms.tolist()))
-    skipped_files = skipped_over_ranks()
+    skipped_so_far = skipped_files()
     collapse = raddino.collapse_diagnostics(
         diagnostics["teacher_probs"], diagnostics["student_cls"])
     speed = window_images / (time.time() - window_start)
@@ -429,7 +429,7 @@ def log_step(step, diagnostics, scheduled):
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     record = {"step": step, **terms, **scheduled, **collapse, "images_per_s": speed,
-              "peak_mem_gib": memory, "skipped_files": sum(skipped_files)}
+              "peak_mem_gib": memory, "skipped_files": sum(n for _, n in skipped_so_far)}
     history.append(record)
     line = (f"step {step}/{total_steps} | loss {terms['loss']:.4f} "
             f"(dino local {terms['dino_local']:.3f} global {terms['dino_global']:.3f} "
@@ -440,9 +440,8 @@ def log_step(step, diagnostics, scheduled):
             f"| H(t) {collapse['teacher_entropy']:.2f} "
             f"H(mean t) {collapse['teacher_batch_entropy']:.2f} "
             f"cls spread {collapse['cls_spread']:.2f}")
-    if any(skipped_files):
-        per_source = ", ".join(f"{n} in {s['name']}"
-                               for n, s in zip(skipped_files, sources) if n)
+    per_source = ", ".join(f"{n} in {name}" for name, n in skipped_so_far if n)
+    if per_source:
         line += f" | skipped files: {per_source}"
     log(line)
     # Judged once the teacher's temperature has stopped moving (at once when it is constant)
