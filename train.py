@@ -45,10 +45,6 @@ RESUMABLE_KEYS = {"resume", "out_dir", "train.steps", "train.save_every", "train
                   "train.keep_checkpoints", "device", "compile", "precision", "data.root",
                   "data.workers", "data.on_bad_file"}
 
-# Where the DINOv2 weights that configs name by file can be downloaded.
-DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{0}/{0}_pretrain.pth"
-
-
 def load_config(argv):
     """config.yaml, then an optional `config=other.yaml` on top, then `key=value` overrides.
 
@@ -196,20 +192,14 @@ multicrop = data.MultiCrop(**crops)
 mask_generator = data.MaskGenerator(config["crops.global_size"] // config["model.patch_size"])
 
 # ===== model =====
-init_backbone = config["init.backbone"]
-if init_backbone:
-    if not Path(init_backbone).exists():
-        name = Path(init_backbone).name
-        hint = ""
-        if name.startswith("dinov2_") and name.endswith("_pretrain.pth"):
-            url = DINOV2_URL.format(name[:-len("_pretrain.pth")])
-            hint = f"; download it from {url}"
-        raise SystemExit(f"error: init.backbone {init_backbone} does not exist{hint}, "
-                         f"or set init.backbone= to another file")
+if config["init.backbone"]:
     # Pretrained weights keep their stored position-embedding grid; other sizes interpolate.
-    backbone = weights.load_backbone(init_backbone, in_chans=1,
-                                     drop_path_rate=config["model.drop_path"])
-    log(f"backbone initialised from {init_backbone}: {backbone.args}")
+    try:
+        backbone = weights.load_backbone(config["init.backbone"], in_chans=1,
+                                         drop_path_rate=config["model.drop_path"])
+    except (FileNotFoundError, ValueError) as error:  # its message, which names the file
+        raise SystemExit(f"error: init.backbone: {error}")
+    log(f"backbone initialised from {config['init.backbone']}: {backbone.args}")
 else:
     # From scratch, the stored grid is the global crop's, as DINOv2 builds it.
     backbone = raddino.build_vit(

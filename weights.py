@@ -227,13 +227,22 @@ def fold_channels(weight, in_chans):
 # ===== Loading =====
 
 
+# Where DINOv2's hub downloads its backbones from, by name (dinov2/hub/backbones.py).
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{0}/{0}_pretrain.pth"
+
+
 def read_weights(path):
-    """A state dict from .safetensors or a torch file, loaded with weights_only: no code runs."""
+    """A state dict from .safetensors or a torch file, loaded with weights_only: no code runs.
+    A missing DINOv2 hub file (dinov2_vitb14_pretrain.pth, ...) says where to download it."""
     path = Path(path)
+    if not path.is_file():
+        message = f"{path}: no such file"
+        name = path.name.removesuffix("_pretrain.pth")
+        if name.startswith("dinov2_") and name != path.name:
+            message += f"; download it from {DINOV2_URL.format(name)}"
+        raise FileNotFoundError(message)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:

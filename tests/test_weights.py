@@ -171,6 +171,12 @@ def test_load_backbone_reports_every_mismatch(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         weights.load_backbone(tmp_path / "folder")
+    # A missing DINOv2 hub file says where it is downloaded from; another missing file not.
+    url = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
+    with pytest.raises(FileNotFoundError, match=f"no such file; download it from {url}"):
+        weights.load_backbone(tmp_path / "dinov2_vits14_pretrain.pth")
+    with pytest.raises(FileNotFoundError, match="no such file$"):
+        weights.load_backbone(tmp_path / "mine.safetensors")
 
 
 class Exploit:
