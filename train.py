@@ -285,31 +285,21 @@ def schedule(step):
 
 
 # ===== resume =====
-
-
-def checkpoint_paths():
-    return sorted(out_dir.glob("checkpoint_*.pt"))  # zero-padded: sorted by name = by step
-
-
 start_step = 0
 history = []
 earlier_skips = []  # files skipped before a resume, over every rank: [[source name, count]]
-if not config["resume"] and checkpoint_paths():
+earlier_checkpoints = weights.checkpoint_paths(out_dir)
+if earlier_checkpoints and not config["resume"]:
     # Starting over beside an earlier run's checkpoints would mix the two: pruning would
     # keep the old ones (higher steps) and a later resume would load the wrong run.
     raise SystemExit(f"error: {out_dir} holds checkpoints of an earlier run (newest "
-                     f"{checkpoint_paths()[-1].name}); with resume=false, choose another "
+                     f"{earlier_checkpoints[-1].name}); with resume=false, choose another "
                      f"out_dir or delete them")
-if config["resume"] and checkpoint_paths():
-    for path in reversed(checkpoint_paths()):  # the newest readable one
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            break
-        except Exception as error:
-            log(f"WARNING: checkpoint {path} is unreadable ({error}); trying the one before")
-    else:
-        raise SystemExit(f"error: no readable checkpoint in {out_dir}; "
-                         f"move them away or choose another out_dir")
+if earlier_checkpoints:
+    try:
+        path, state = weights.read_newest_checkpoint(out_dir, warn=log)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}; move them away or choose another out_dir")
     if state["step"] > config["train.steps"]:
         raise SystemExit(f"error: {path} is at step {state['step']}, past train.steps="
                          f"{config['train.steps']}: raise train.steps or choose another out_dir")
@@ -378,10 +368,7 @@ def save_checkpoint(step):
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "rng": all_rng, "history": history, "config": config,
              "backbone_args": backbone.args, "code": code, "skipped_files": skipped_so_far}
-    path = out_dir / f"checkpoint_{step:07d}.pt"
-    weights.atomic_write(path, lambda f: torch.save(state, f))
-    for old in checkpoint_paths()[:-config["train.keep_checkpoints"]]:
-        old.unlink()
+    path = weights.save_checkpoint(state, out_dir, keep=config["train.keep_checkpoints"])
     plot.draw_curves(history, LOSS_PANELS, out_dir / "loss.png")
     log(f"saved {path}")
 
@@ -480,7 +467,8 @@ while step < total_steps:
     # One sync per step: stop before a non-finite loss is applied or saved.
     if not torch.isfinite(losses["loss"].detach()):
         bad = ", ".join(f"{k}={float(losses[k])}" for k in TERMS if not torch.isfinite(losses[k]))
-        newest = checkpoint_paths()[-1] if checkpoint_paths() else "none"
+        saved = weights.checkpoint_paths(out_dir)
+        newest = saved[-1] if saved else "none"
         raise SystemExit(f"error: non-finite loss at step {step}: {bad}; "
                          f"no checkpoint written after it (newest: {newest})")
     optimizer.zero_grad(set_to_none=True)

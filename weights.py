@@ -10,6 +10,7 @@
     save_hf                                a folder that transformers' AutoModel,
                                            AutoImageProcessor and pipeline() load as they are
     model_card                             the README.md of a train.py export
+    save_checkpoint, read_newest_checkpoint  train.py's checkpoints, written atomically
 
 Nothing here runs code from a file: .pth files are read with torch.load(weights_only=True)
 and safetensors files are checked byte by byte before a tensor is made.
@@ -498,3 +499,35 @@ The resolved configuration is in `training_config.yaml` beside this file.
 
 Research use only: not a medical device, not validated for any clinical purpose.
 """
+
+
+# ===== train.py's checkpoints =====
+# One torch file per save: {"model", "optimizer", "step", "rng", "history", "config",
+# "backbone_args", "code", "skipped_files"}; load_backbone reads its teacher's backbone.
+
+
+def checkpoint_paths(folder):
+    """The checkpoints in folder, oldest first (zero-padded steps: by name is by step)."""
+    return sorted(Path(folder).glob("checkpoint_*.pt"))
+
+
+def save_checkpoint(state, folder, keep):
+    """state -> folder/checkpoint_{step}.pt, written atomically; then all but the newest
+    `keep` checkpoints in folder are deleted. Returns the path."""
+    path = Path(folder) / f"checkpoint_{state['step']:07d}.pt"
+    atomic_write(path, lambda f: torch.save(state, f))
+    for old in checkpoint_paths(folder)[:-keep]:
+        old.unlink()
+    return path
+
+
+def read_newest_checkpoint(folder, warn=print):
+    """(path, state) of the newest checkpoint in folder that loads. A newer one that does not
+    (atomic writes rule out a crash mid-save, not a disk fault or a copy cut short) is passed
+    over with a warning; none at all that loads is a ValueError."""
+    for path in reversed(checkpoint_paths(folder)):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            warn(f"WARNING: checkpoint {path} is unreadable ({error}); trying the one before")
+    raise ValueError(f"no readable checkpoint in {folder}")

@@ -179,6 +179,21 @@ def test_load_backbone_reports_every_mismatch(tmp_path):
         weights.load_backbone(tmp_path / "mine.safetensors")
 
 
+def test_checkpoints_are_pruned_and_an_unreadable_newest_one_is_passed_over(tmp_path):
+    for step in (1, 2, 3):
+        weights.save_checkpoint({"step": step}, tmp_path, keep=2)
+    paths = weights.checkpoint_paths(tmp_path)
+    assert [p.name for p in paths] == ["checkpoint_0000002.pt", "checkpoint_0000003.pt"]
+    paths[1].write_bytes(paths[1].read_bytes()[:20])  # cut short
+    warnings = []
+    path, state = weights.read_newest_checkpoint(tmp_path, warn=warnings.append)
+    assert path == paths[0] and state == {"step": 2}
+    assert len(warnings) == 1 and "checkpoint_0000003.pt is unreadable" in warnings[0]
+    paths[0].write_bytes(b"")
+    with pytest.raises(ValueError, match="no readable checkpoint"):
+        weights.read_newest_checkpoint(tmp_path, warn=warnings.append)
+
+
 class Exploit:
     def __reduce__(self):
         return (os.system, ("touch exploited",))
