@@ -343,7 +343,6 @@ def skipped_files():
     return [[name, n] for name, n in zip(names, total.tolist())]
 
 
-
 # loss.png, redrawn at each checkpoint: the total and each term times its weight, as the
 # total adds them (the legend names any weight other than 1).
 LOSS_PANELS = [{"loss": 1.0,
@@ -381,7 +380,6 @@ log(f"training steps {start_step} -> {total_steps}: global batch {global_batch} 
 metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
 warned = False
 window_start = time.time()
-window_images = 0
 window_losses = torch.zeros(len(TERMS), device=device)  # summed over the steps since the last log
 window_steps = 0
 
@@ -390,7 +388,7 @@ def log_step(step, diagnostics, scheduled):
     """Every train.log_every steps: one log line, one metrics.jsonl record, the collapse check.
     Losses are the mean over the steps since the last line (one batch alone is noisy);
     the collapse diagnostics are the last batch's."""
-    global warned, window_start, window_images, window_losses, window_steps
+    global warned, window_start, window_losses, window_steps
     terms = window_losses / window_steps
     if distributed:  # averaged over ranks, for the log
         dist.all_reduce(terms)
@@ -399,7 +397,7 @@ def log_step(step, diagnostics, scheduled):
     skipped_so_far = skipped_files()
     collapse = raddino.collapse_diagnostics(
         diagnostics["teacher_probs"], diagnostics["student_cls"])
-    speed = window_images / (time.time() - window_start)
+    speed = window_steps * global_batch / (time.time() - window_start)  # images per second
     eta_minutes = (total_steps - step) * global_batch / speed / 60
     if use_cuda:
         memory = torch.cuda.max_memory_allocated(device) / 2**30
@@ -433,7 +431,6 @@ def log_step(step, diagnostics, scheduled):
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
     window_start = time.time()
-    window_images = 0
     window_losses = torch.zeros_like(window_losses)
     window_steps = 0
 
@@ -480,7 +477,6 @@ while step < total_steps:
     model.update_teacher(scheduled["momentum"])
 
     step += 1
-    window_images += global_batch
     window_losses += torch.stack([losses[k].detach().float() for k in TERMS])
     window_steps += 1
     skipped = [total + new for total, new in zip(skipped, batch["skipped"])]
