@@ -167,18 +167,14 @@ class ViT(nn.Module):
             interpolate_offset = 0.0 if num_register_tokens else 0.1
         if interpolate_antialias is None:
             interpolate_antialias = bool(num_register_tokens)
-        # Everything needed to rebuild this model: saved in checkpoints, read by weights.py.
+        # Everything needed to rebuild this model, kept once: saved in checkpoints, read by
+        # weights.py, and by the methods below (embed_dim and patch_size are views of it).
         self.args = dict(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, ffn=ffn,
             num_register_tokens=num_register_tokens, layerscale_init=layerscale_init,
             drop_path_rate=drop_path_rate, interpolate_offset=interpolate_offset,
             interpolate_antialias=interpolate_antialias)
-        self.patch_size = patch_size
-        self.embed_dim = embed_dim
-        self.num_register_tokens = num_register_tokens
-        self.interpolate_offset = interpolate_offset
-        self.interpolate_antialias = interpolate_antialias
         self.grad_checkpointing = False
 
         grid = img_size // patch_size
@@ -196,11 +192,19 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.reset_parameters()
 
+    @property
+    def embed_dim(self):
+        return self.args["embed_dim"]
+
+    @property
+    def patch_size(self):
+        return self.args["patch_size"]
+
     def reset_parameters(self):
         """DINOv2's init. LayerScale gammas keep their init value."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
-        if self.num_register_tokens:
+        if self.args["num_register_tokens"]:
             nn.init.normal_(self.register_tokens, std=1e-6)
         nn.init.zeros_(self.mask_token)
         init_linears(self)
@@ -218,14 +222,14 @@ class ViT(nn.Module):
         cls_pos = stored[:, :1]
         patch_pos = stored[:, 1:].float().reshape(1, M, M, -1)
         patch_pos = patch_pos.permute(0, 3, 1, 2)  # (1, M, M, D) -> (1, D, M, M)
-        offset = self.interpolate_offset
+        offset = self.args["interpolate_offset"]
         if offset:
             scale = ((grid_h + offset) / M, (grid_w + offset) / M)
             target = dict(scale_factor=scale)
         else:
             target = dict(size=(grid_h, grid_w))
         patch_pos = F.interpolate(
-            patch_pos, mode="bicubic", antialias=self.interpolate_antialias, **target)
+            patch_pos, mode="bicubic", antialias=self.args["interpolate_antialias"], **target)
         assert patch_pos.shape[-2:] == (grid_h, grid_w), f"interpolated to {patch_pos.shape}"
         patch_pos = patch_pos.permute(0, 2, 3, 1)  # (1, D, h, w) -> (1, h, w, D)
         patch_pos = patch_pos.reshape(1, grid_h * grid_w, -1)
@@ -245,14 +249,14 @@ class ViT(nn.Module):
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
         x = x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size)
-        if self.num_register_tokens:  # after CLS, without position embeddings
+        if self.args["num_register_tokens"]:  # after CLS, without position embeddings
             registers = self.register_tokens.expand(B, -1, -1)
             x = torch.cat([x[:, :1], registers, x[:, 1:]], dim=1)
         return x
 
     def split_tokens(self, x):
         """(B, 1 + R + N, D) -> {"cls": (B, D), "reg": (B, R, D), "patch": (B, N, D)}."""
-        first_patch = 1 + self.num_register_tokens
+        first_patch = 1 + self.args["num_register_tokens"]
         return {"cls": x[:, 0], "reg": x[:, 1:first_patch], "patch": x[:, first_patch:]}
 
     def forward_features(self, x, masks=None):
@@ -310,7 +314,7 @@ class ViT(nn.Module):
         q, k, _ = qkv.permute(2, 0, 3, 1, 4)  # (B, N, 3, H, Dh) -> 3 x (B, H, N, Dh)
         scores = q[:, :, :1] @ k.transpose(-2, -1) / math.sqrt(head_dim)  # (B, H, 1, N)
         attention = scores.softmax(dim=-1)[:, :, 0]  # (B, H, N)
-        return attention[:, :, 1 + self.num_register_tokens:]  # (B, H, patches)
+        return attention[:, :, 1 + self.args["num_register_tokens"]:]  # (B, H, patches)
 
 
 # Heads are 64 wide, as in DINOv2. vit_tiny (DeiT-Ti widths) is not a DINOv2 release: it is
