@@ -45,10 +45,15 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # -> (B, N, D), patches in row-major order
 
 
+def attention_weights(q, k):
+    """softmax(Q K^T / sqrt(d)): how much each query attends to each key, (B, H, Nq, N)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, Nq, N)
+    return scores.softmax(dim=-1)
+
+
 def attention_reference(q, k, v):
     """softmax(Q K^T / sqrt(d)) V written out: what SDPA computes, for readers and tests."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, N, N)
-    return scores.softmax(dim=-1) @ v  # (B, H, N, Dh)
+    return attention_weights(q, k) @ v  # (B, H, N, Dh)
 
 
 class Attention(nn.Module):
@@ -60,12 +65,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
+    def qkv_heads(self, x):
+        """Tokens (B, N, D) -> queries, keys and values, each (B, H, N, Dh)."""
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        return qkv.permute(2, 0, 3, 1, 4)  # (B, N, 3, H, Dh) -> 3 x (B, H, N, Dh)
+
     def forward(self, x):
         B, N, D = x.shape
-        head_dim = D // self.num_heads
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, N, 3, H, Dh) -> 3 x (B, H, N, Dh)
-        # A flash or memory-efficient kernel when one is available; attention_reference otherwise.
+        q, k, v = self.qkv_heads(x)
+        # A flash or memory-efficient kernel where the device and inputs allow one, else
+        # torch's own math kernel: each computes what attention_reference writes out.
         x = F.scaled_dot_product_attention(q, k, v)
         x = x.transpose(1, 2).reshape(B, N, D)  # (B, H, N, Dh) -> (B, N, D)
         return self.proj(x)
@@ -307,13 +317,9 @@ class ViT(nn.Module):
         x = self.prepare_tokens(x)
         for block in self.blocks[:-1]:
             x = block(x)
-        last = self.blocks[-1].attn
-        B, N, D = x.shape
-        head_dim = D // last.num_heads
-        qkv = last.qkv(self.blocks[-1].norm1(x)).reshape(B, N, 3, last.num_heads, head_dim)
-        q, k, _ = qkv.permute(2, 0, 3, 1, 4)  # (B, N, 3, H, Dh) -> 3 x (B, H, N, Dh)
-        scores = q[:, :, :1] @ k.transpose(-2, -1) / math.sqrt(head_dim)  # (B, H, 1, N)
-        attention = scores.softmax(dim=-1)[:, :, 0]  # (B, H, N)
+        last = self.blocks[-1]
+        q, k, _ = last.attn.qkv_heads(last.norm1(x))  # each (B, H, N, Dh)
+        attention = attention_weights(q[:, :, :1], k)[:, :, 0]  # the CLS query's: (B, H, N)
         return attention[:, :, 1 + self.args["num_register_tokens"]:]  # (B, H, patches)
 
 
