@@ -182,30 +182,16 @@ def read_table(path, split=None, require=()):
                     raise ValueError(f"{table}, line {line}: no {column} file at '{value}'")
     return [row for row, _ in rows]
 
-def image_paths(root, split=None):
-    """Pretraining sources: a table's image column if root has one, else every image under root."""
-    root = Path(root)
-    has_table = root.suffix.lower() == ".csv" or (root / "labels.csv").is_file()
-    if split is not None and not has_table:
-        raise ValueError(f"{root}: split '{split}' asked for, but there is no labels.csv")
-    if has_table:
-        paths = [row["image"] for row in read_table(root, split)]
-    else:
-        paths = list_images(root)
-    if not paths:
-        raise ValueError(f"{root}: no images found")
-    return paths
-
-
 def read_sources(spec, split=None):
     """Pretraining sources -> [{"name", "paths", "weight"}].
 
     spec is one source or a list of them. A source is a folder of images, a folder with a
     labels.csv, or a csv; written as a path, or as {"root": path, "split": ..., "weight": w}
     to give it its own split or weight. `split` is the default split of the sources that
-    have a table. A weight says how often each of the source's images is drawn per epoch
-    on average (default 1: every image once); 0.5 halves a large archive, 3 triples a small
-    one. RAD-DINO mixed five public archives and a private one this way."""
+    have a table ("" or None: every row). A weight says how often each of the source's
+    images is drawn per epoch on average (default 1: every image once); 0.5 halves a large
+    archive, 3 triples a small one. RAD-DINO mixed five public archives and a private one
+    this way."""
     entries = spec if isinstance(spec, list) else [spec]
     if not entries:
         raise ValueError("data.root is an empty list: give at least one folder or table")
@@ -226,13 +212,26 @@ def read_sources(spec, split=None):
         number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
         if not number or not 0 < weight < math.inf:  # nan fails both comparisons
             raise ValueError(f"{root}: weight must be a positive, finite number, got {weight!r}")
-        source_split = entry.get("split", split)
         has_table = root.suffix.lower() == ".csv" or (root / "labels.csv").is_file()
-        if not has_table and "split" not in entry:
-            source_split = None  # a plain folder has no splits: every image
-        paths = image_paths(root, source_split or None)
+        # A plain folder has no splits: the default passes it by, its own is an error.
+        source_split = entry.get("split", split if has_table else None)
+        if source_split and not has_table:
+            raise ValueError(f"{root}: split '{source_split}' asked for, but there is no "
+                             f"labels.csv")
+        if has_table:
+            paths = [row["image"] for row in read_table(root, source_split or None)]
+        else:
+            paths = list_images(root)
+        if not paths:
+            raise ValueError(f"{root}: no images found")
         sources.append({"name": str(root), "paths": paths, "weight": float(weight)})
     return sources
+
+
+def image_paths(root, split=None):
+    """The images of one source, as read_sources finds them: a table's image column (the
+    rows of `split`, or every row), else every image under the folder root."""
+    return read_sources({"root": root, "split": split})[0]["paths"]
 
 # ===== multi-crop augmentation =====
 # DINOv2's DataAugmentationDINO re-thought for one-channel radiographs: 2 global crops (224

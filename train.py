@@ -178,8 +178,8 @@ if config["data.root"] == "data/synthetic":  # the built-in default: phantoms, d
                          f"data.synthetic_images={n}: delete data/synthetic to draw it again, "
                          f"or set data.synthetic_images={found}")
 try:
-    sources = data.read_sources(config["data.root"], split=config["data.split"] or None)
-except ValueError as error:  # e.g. a plain folder of images with the default data.split=train
+    sources = data.read_sources(config["data.root"], split=config["data.split"])
+except ValueError as error:  # e.g. a missing folder, or a table without data.split
     raise SystemExit(f"error: {error}")
 for source in sources:
     synthetic = " (SYNTHETIC phantoms)" if "synthetic" in source["name"] else ""
