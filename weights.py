@@ -325,8 +325,6 @@ def backbone_state(path):
     args = None
     if isinstance(state, dict) and "backbone_args" in state and "model" in state:  # train.py's
         args = dict(state["backbone_args"])
-        if "layerscale" in args:  # the name before layerscale_init
-            args["layerscale_init"] = args.pop("layerscale")
         args["drop_path_rate"] = 0.0
         state = strip_prefix(state["model"], "teacher.backbone.")
     elif isinstance(state, dict) and isinstance(state.get("teacher"), dict):  # official DINOv2
