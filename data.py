@@ -189,9 +189,9 @@ def read_sources(spec, split=None):
     labels.csv, or a csv; written as a path, or as {"root": path, "split": ..., "weight": w}
     to give it its own split or weight. `split` is the default split of the sources that
     have a table ("" or None: every row). A weight says how often each of the source's
-    images is drawn per epoch on average (default 1: every image once); 0.5 halves a large
-    archive, 3 triples a small one. RAD-DINO mixed five public archives and a private one
-    this way."""
+    images is drawn per pass over the data on average (default 1: every image once); 0.5
+    halves a large archive, 3 triples a small one. RAD-DINO mixed five public archives and
+    a private one this way."""
     entries = spec if isinstance(spec, list) else [spec]
     if not entries:
         raise ValueError("data.root is an empty list: give at least one folder or table")
@@ -445,28 +445,30 @@ def collate(samples, mask_generator, rng, mask_ratio=(0.1, 0.5), mask_prob=0.5, 
 # ===== the batches of pretraining, and the loader over them =====
 
 
-def draws_in_an_epoch(source):
+def draws_in_a_pass(source):
     """round(weight x the source's size), at least 1."""
     return max(1, round(source["weight"] * len(source["paths"])))
 
 
-def epoch_order(sources, seed, epoch):
-    """The (source, image) pairs drawn in one epoch, shuffled: a pure function of (seed,
-    epoch). Source s gives count = round(weight x its size) draws an epoch (at least 1),
-    read in turn off an endless chain of seeded permutations of its images: epoch e takes
-    links e x count to (e + 1) x count - 1. So no image is drawn twice before every image of
-    its source has been drawn once, within an epoch and across epochs: weight 2.5 draws
-    each image 2 or 3 times an epoch, weight 0.5 each image once in two epochs."""
+def pass_order(sources, seed, pass_index):
+    """The (source, image) pairs drawn in one pass over the data, shuffled: a pure function
+    of (seed, pass_index). A pass is an epoch in the usual sense; train.py's "epoch" is
+    DINOv2's, the schedules' unit of train.epoch_length steps (its OFFICIAL_EPOCH_LENGTH),
+    which need not be a pass. Source s gives count = round(weight x its size) draws a pass
+    (at least 1), read in turn off an endless chain of seeded permutations of its images:
+    pass p takes links p x count to (p + 1) x count - 1. So no image is drawn twice before
+    every image of its source has been drawn once, within a pass and across passes: weight
+    2.5 draws each image 2 or 3 times a pass, weight 0.5 each image once in two passes."""
     draws = []
     for s, source in enumerate(sources):
         n = len(source["paths"])
-        count = draws_in_an_epoch(source)
-        start = epoch * count  # where this epoch starts on the chain
+        count = draws_in_a_pass(source)
+        start = pass_index * count  # where this pass starts on the chain
         cycles = range(start // n, (start + count - 1) // n + 1)  # the permutations it meets
         chain = [np.random.default_rng([seed, _PERMUTATION, s, c]).permutation(n) for c in cycles]
         offset = start - cycles[0] * n
         draws += [(s, int(i)) for i in np.concatenate(chain)[offset:offset + count]]
-    shuffle = np.random.default_rng([seed, _SHUFFLE, epoch]).permutation(len(draws))
+    shuffle = np.random.default_rng([seed, _SHUFFLE, pass_index]).permutation(len(draws))
     return [draws[i] for i in shuffle]
 
 
@@ -474,12 +476,12 @@ class PretrainBatches(torch.utils.data.Dataset):
     """The batches of pretraining, as a map-style dataset: item k is the collated batch of
     step start_step + k on this rank (batch_size images per rank).
 
-    A batch is a pure function of (seed, step, rank, world_size, sources): the epoch is
-    step // steps_per_epoch, its order epoch_order(); each sample's augmentation is seeded
-    by (seed, epoch, its slot in that order), the masks by (seed, step). So resuming at a
-    step is exact, the number of loader workers changes nothing, the global batch is the
-    same however many ranks share it, and an image drawn twice in an epoch (weight > 1)
-    gets two different sets of crops, not the same ones twice.
+    A batch is a pure function of (seed, step, rank, world_size, sources): its pass over the
+    data is step // steps_per_pass, the pass's order pass_order(); each sample's augmentation
+    is seeded by (seed, pass, its slot in that order), the masks by (seed, step). So resuming
+    at a step is exact, the number of loader workers changes nothing, the global batch is the
+    same however many ranks share it, and an image drawn twice in a pass (weight > 1) gets
+    two different sets of crops, not the same ones twice.
 
     Items: global, local, masks (see collate), step, and skipped: the files skipped per
     source. A file that fails to load either stops the run (on_bad_file="error": the item
@@ -502,55 +504,55 @@ class PretrainBatches(torch.utils.data.Dataset):
         self.on_bad_file = on_bad_file
         self.mask_ratio = mask_ratio
         self.mask_prob = mask_prob
-        self.cached_epoch = None
+        self.cached_pass = None
         self.cached_order = None
-        draws_per_epoch = sum(draws_in_an_epoch(source) for source in sources)
+        draws_per_pass = sum(draws_in_a_pass(source) for source in sources)
         global_batch = batch_size * world_size
-        self.steps_per_epoch = draws_per_epoch // global_batch  # the tail is dropped
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{draws_per_epoch} images cannot fill one global batch of "
+        self.steps_per_pass = draws_per_pass // global_batch  # the tail is dropped
+        if self.steps_per_pass == 0:
+            raise ValueError(f"{draws_per_pass} images cannot fill one global batch of "
                              f"{batch_size} x {world_size} ranks")
 
     def __len__(self):
         return sys.maxsize  # endless: the training loop decides when to stop
 
     def first_slot(self, step):
-        """The place in its epoch's order of this rank's first sample at `step`."""
-        position = step % self.steps_per_epoch
+        """The place in its pass's order of this rank's first sample at `step`."""
+        position = step % self.steps_per_pass
         return (position * self.world_size + self.rank) * self.batch_size
 
     def sample_draws(self, step):
         """(source, image) pairs of this rank's samples at `step`, before any bad-file swap."""
-        epoch = step // self.steps_per_epoch
-        if self.cached_epoch != epoch:  # one shuffle per epoch, not per step
-            self.cached_order = epoch_order(self.sources, self.seed, epoch)
-            self.cached_epoch = epoch
+        pass_index = step // self.steps_per_pass
+        if self.cached_pass != pass_index:  # one shuffle per pass, not per step
+            self.cached_order = pass_order(self.sources, self.seed, pass_index)
+            self.cached_pass = pass_index
         first = self.first_slot(step)
         return self.cached_order[first:first + self.batch_size]
 
-    def load_sample(self, source, index, epoch, slot):
-        """(crops, files skipped) for image `index` of `source`, drawn at `slot` of `epoch`."""
+    def load_sample(self, source, index, pass_index, slot):
+        """(crops, files skipped) for image `index` of `source`, drawn at `slot` of its pass."""
         paths = self.sources[source]["paths"]
-        rng = np.random.default_rng([self.seed, _AUGMENT, epoch, slot])
+        rng = np.random.default_rng([self.seed, _AUGMENT, pass_index, slot])
         for attempt in range(1, 101):
             try:
                 return self.multicrop(load_image(paths[index]), rng), attempt - 1
             except ImageError:
                 if self.on_bad_file == "error":
                     raise
-                rng = np.random.default_rng([self.seed, _REPLACE, epoch, slot, attempt])
+                rng = np.random.default_rng([self.seed, _REPLACE, pass_index, slot, attempt])
                 index = int(rng.integers(len(paths)))
         raise RuntimeError(f"100 files in a row failed to load from {self.sources[source]['name']}")
 
     def __getitem__(self, k):
         step = self.start_step + k
-        epoch = step // self.steps_per_epoch
+        pass_index = step // self.steps_per_pass
         skipped = [0] * len(self.sources)
         samples = []
         draws = self.sample_draws(step)
         try:
             for slot, (source, index) in enumerate(draws, start=self.first_slot(step)):
-                crops, n_skipped = self.load_sample(source, index, epoch, slot)
+                crops, n_skipped = self.load_sample(source, index, pass_index, slot)
                 samples.append(crops)
                 skipped[source] += n_skipped
         except ImageError as error:
