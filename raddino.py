@@ -275,8 +275,8 @@ class ViT(nn.Module):
         x = self.prepare_tokens(x, masks)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                # Recompute activations in the backward pass: ~30% more compute, far less
-                # memory (what 518-px global crops need).
+                # Recompute activations in the backward pass: more compute, far less memory
+                # (what 518-px global crops need; bench.py train --grad-checkpointing).
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
