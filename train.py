@@ -6,7 +6,8 @@
 
 One script, top to bottom: config -> distributed -> data -> model -> optimiser and
 schedules -> resume -> loop -> export. The method lives in raddino.py, the images in
-data.py, the weight formats in weights.py.
+data.py, the weight formats (checkpoints and the export's model card too) in weights.py,
+the drawing of loss.png in plot.py.
 """
 
 import difflib
