@@ -156,7 +156,7 @@ def augment(args):
         print(f"  ours / torchvision: {ratio:.2f}x")
 
 
-def vit_flops(args, tokens, with_patch_embed=True):
+def vit_flops(args, tokens):
     """Forward FLOPs of the backbone for one image of `tokens` tokens (2 per multiply-add)."""
     D, depth, hidden = args["embed_dim"], args["depth"], args["embed_dim"] * args["mlp_ratio"]
     # Multiply-adds per token: qkv + proj, the MLP (SwiGLU: 2/3 of the width, rounded up to 8, three

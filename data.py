@@ -182,30 +182,16 @@ def read_table(path, split=None, require=()):
                     raise ValueError(f"{table}, line {line}: no {column} file at '{value}'")
     return [row for row, _ in rows]
 
-def image_paths(root, split=None):
-    """Pretraining sources: a table's image column if root has one, else every image under root."""
-    root = Path(root)
-    has_table = root.suffix.lower() == ".csv" or (root / "labels.csv").is_file()
-    if split is not None and not has_table:
-        raise ValueError(f"{root}: split '{split}' asked for, but there is no labels.csv")
-    if has_table:
-        paths = [row["image"] for row in read_table(root, split)]
-    else:
-        paths = list_images(root)
-    if not paths:
-        raise ValueError(f"{root}: no images found")
-    return paths
-
-
 def read_sources(spec, split=None):
     """Pretraining sources -> [{"name", "paths", "weight"}].
 
     spec is one source or a list of them. A source is a folder of images, a folder with a
     labels.csv, or a csv; written as a path, or as {"root": path, "split": ..., "weight": w}
     to give it its own split or weight. `split` is the default split of the sources that
-    have a table. A weight says how often each of the source's images is drawn per epoch
-    on average (default 1: every image once); 0.5 halves a large archive, 3 triples a small
-    one. RAD-DINO mixed five public archives and a private one this way."""
+    have a table ("" or None: every row). A weight says how often each of the source's
+    images is drawn per pass over the data on average (default 1: every image once); 0.5
+    halves a large archive, 3 triples a small one. RAD-DINO mixed five public archives and
+    a private one this way."""
     entries = spec if isinstance(spec, list) else [spec]
     if not entries:
         raise ValueError("data.root is an empty list: give at least one folder or table")
@@ -226,24 +212,38 @@ def read_sources(spec, split=None):
         number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
         if not number or not 0 < weight < math.inf:  # nan fails both comparisons
             raise ValueError(f"{root}: weight must be a positive, finite number, got {weight!r}")
-        source_split = entry.get("split", split)
         has_table = root.suffix.lower() == ".csv" or (root / "labels.csv").is_file()
-        if not has_table and "split" not in entry:
-            source_split = None  # a plain folder has no splits: every image
-        paths = image_paths(root, source_split or None)
+        # A plain folder has no splits: the default passes it by, its own is an error.
+        source_split = entry.get("split", split if has_table else None)
+        if source_split and not has_table:
+            raise ValueError(f"{root}: split '{source_split}' asked for, but there is no "
+                             f"labels.csv")
+        if has_table:
+            paths = [row["image"] for row in read_table(root, source_split or None)]
+        else:
+            paths = list_images(root)
+        if not paths:
+            raise ValueError(f"{root}: no images found")
         sources.append({"name": str(root), "paths": paths, "weight": float(weight)})
     return sources
+
+
+def image_paths(root, split=None):
+    """The images of one source, as read_sources finds them: a table's image column (the
+    rows of `split`, or every row), else every image under the folder root."""
+    return read_sources({"root": root, "split": split})[0]["paths"]
 
 # ===== multi-crop augmentation =====
 # DINOv2's DataAugmentationDINO re-thought for one-channel radiographs: 2 global crops (224
 # px, 32-100% of the image) and 8 local ones (98 px, 5-32%), each resized once from the
 # source, flipped, jittered, blurred, and (global 2 only) solarized. Saturation, hue and
 # random grayscale are gone: on a gray image they do nothing, at the price of 3 channels.
-# Speed (over 4x torchvision's pipeline: bench.py augment) comes from that one channel and
-# two plain choices. Crop-then-resize is one torch call on the uint8 box (its antialiased
-# bicubic is Pillow's, which torchvision uses on PIL images, to a gray level on 99% of
-# pixels). Jitter, solarize and the normalisation are pointwise: on 8-bit data they are
-# computed for the 256 gray levels, and one table lookup applies them to the pixels.
+# Speed (README, "Benchmarks": bench.py augment against torchvision's pipeline) comes from
+# that one channel and two plain choices. Crop-then-resize is one torch call on the uint8
+# box (its antialiased bicubic is Pillow's, which torchvision uses on PIL images, but for
+# rounding: test_crop_is_a_bicubic_resize_of_the_box bounds it). Jitter, solarize and the
+# normalisation are pointwise: on 8-bit data they are computed for the 256 gray levels, and
+# one table lookup applies them to the pixels.
 
 GRAY_LEVELS = np.arange(256, dtype=np.float32) / 255  # the value of each uint8 level
 def random_crop_box(height, width, scale, ratio, rng):
@@ -446,28 +446,30 @@ def collate(samples, mask_generator, rng, mask_ratio=(0.1, 0.5), mask_prob=0.5, 
 # ===== the batches of pretraining, and the loader over them =====
 
 
-def draws_in_an_epoch(source):
+def draws_in_a_pass(source):
     """round(weight x the source's size), at least 1."""
     return max(1, round(source["weight"] * len(source["paths"])))
 
 
-def epoch_order(sources, seed, epoch):
-    """The (source, image) pairs drawn in one epoch, shuffled: a pure function of (seed,
-    epoch). Source s gives count = round(weight x its size) draws an epoch (at least 1),
-    read in turn off an endless chain of seeded permutations of its images: epoch e takes
-    links e x count to (e + 1) x count - 1. So no image is drawn twice before every image of
-    its source has been drawn once, within an epoch and across epochs: weight 2.5 draws
-    each image 2 or 3 times an epoch, weight 0.5 each image once in two epochs."""
+def pass_order(sources, seed, pass_index):
+    """The (source, image) pairs drawn in one pass over the data, shuffled: a pure function
+    of (seed, pass_index). A pass is an epoch in the usual sense; train.py's "epoch" is
+    DINOv2's, the schedules' unit of train.epoch_length steps (its OFFICIAL_EPOCH_LENGTH),
+    which need not be a pass. Source s gives count = round(weight x its size) draws a pass
+    (at least 1), read in turn off an endless chain of seeded permutations of its images:
+    pass p takes links p x count to (p + 1) x count - 1. So no image is drawn twice before
+    every image of its source has been drawn once, within a pass and across passes: weight
+    2.5 draws each image 2 or 3 times a pass, weight 0.5 each image once in two passes."""
     draws = []
     for s, source in enumerate(sources):
         n = len(source["paths"])
-        count = draws_in_an_epoch(source)
-        start = epoch * count  # where this epoch starts on the chain
+        count = draws_in_a_pass(source)
+        start = pass_index * count  # where this pass starts on the chain
         cycles = range(start // n, (start + count - 1) // n + 1)  # the permutations it meets
         chain = [np.random.default_rng([seed, _PERMUTATION, s, c]).permutation(n) for c in cycles]
         offset = start - cycles[0] * n
         draws += [(s, int(i)) for i in np.concatenate(chain)[offset:offset + count]]
-    shuffle = np.random.default_rng([seed, _SHUFFLE, epoch]).permutation(len(draws))
+    shuffle = np.random.default_rng([seed, _SHUFFLE, pass_index]).permutation(len(draws))
     return [draws[i] for i in shuffle]
 
 
@@ -475,12 +477,12 @@ class PretrainBatches(torch.utils.data.Dataset):
     """The batches of pretraining, as a map-style dataset: item k is the collated batch of
     step start_step + k on this rank (batch_size images per rank).
 
-    A batch is a pure function of (seed, step, rank, world_size, sources): the epoch is
-    step // steps_per_epoch, its order epoch_order(); each sample's augmentation is seeded
-    by (seed, epoch, its slot in that order), the masks by (seed, step). So resuming at a
-    step is exact, the number of loader workers changes nothing, the global batch is the
-    same however many ranks share it, and an image drawn twice in an epoch (weight > 1)
-    gets two different sets of crops, not the same ones twice.
+    A batch is a pure function of (seed, step, rank, world_size, sources): its pass over the
+    data is step // steps_per_pass, the pass's order pass_order(); each sample's augmentation
+    is seeded by (seed, pass, its slot in that order), the masks by (seed, step). So resuming
+    at a step is exact, the number of loader workers changes nothing, the global batch is the
+    same however many ranks share it, and an image drawn twice in a pass (weight > 1) gets
+    two different sets of crops, not the same ones twice.
 
     Items: global, local, masks (see collate), step, and skipped: the files skipped per
     source. A file that fails to load either stops the run (on_bad_file="error": the item
@@ -503,55 +505,55 @@ class PretrainBatches(torch.utils.data.Dataset):
         self.on_bad_file = on_bad_file
         self.mask_ratio = mask_ratio
         self.mask_prob = mask_prob
-        self.cached_epoch = None
+        self.cached_pass = None
         self.cached_order = None
-        draws_per_epoch = sum(draws_in_an_epoch(source) for source in sources)
+        draws_per_pass = sum(draws_in_a_pass(source) for source in sources)
         global_batch = batch_size * world_size
-        self.steps_per_epoch = draws_per_epoch // global_batch  # the tail is dropped
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{draws_per_epoch} images cannot fill one global batch of "
+        self.steps_per_pass = draws_per_pass // global_batch  # the tail is dropped
+        if self.steps_per_pass == 0:
+            raise ValueError(f"{draws_per_pass} images cannot fill one global batch of "
                              f"{batch_size} x {world_size} ranks")
 
     def __len__(self):
         return sys.maxsize  # endless: the training loop decides when to stop
 
     def first_slot(self, step):
-        """The place in its epoch's order of this rank's first sample at `step`."""
-        position = step % self.steps_per_epoch
+        """The place in its pass's order of this rank's first sample at `step`."""
+        position = step % self.steps_per_pass
         return (position * self.world_size + self.rank) * self.batch_size
 
     def sample_draws(self, step):
         """(source, image) pairs of this rank's samples at `step`, before any bad-file swap."""
-        epoch = step // self.steps_per_epoch
-        if self.cached_epoch != epoch:  # one shuffle per epoch, not per step
-            self.cached_order = epoch_order(self.sources, self.seed, epoch)
-            self.cached_epoch = epoch
+        pass_index = step // self.steps_per_pass
+        if self.cached_pass != pass_index:  # one shuffle per pass, not per step
+            self.cached_order = pass_order(self.sources, self.seed, pass_index)
+            self.cached_pass = pass_index
         first = self.first_slot(step)
         return self.cached_order[first:first + self.batch_size]
 
-    def load_sample(self, source, index, epoch, slot):
-        """(crops, files skipped) for image `index` of `source`, drawn at `slot` of `epoch`."""
+    def load_sample(self, source, index, pass_index, slot):
+        """(crops, files skipped) for image `index` of `source`, drawn at `slot` of its pass."""
         paths = self.sources[source]["paths"]
-        rng = np.random.default_rng([self.seed, _AUGMENT, epoch, slot])
+        rng = np.random.default_rng([self.seed, _AUGMENT, pass_index, slot])
         for attempt in range(1, 101):
             try:
                 return self.multicrop(load_image(paths[index]), rng), attempt - 1
             except ImageError:
                 if self.on_bad_file == "error":
                     raise
-                rng = np.random.default_rng([self.seed, _REPLACE, epoch, slot, attempt])
+                rng = np.random.default_rng([self.seed, _REPLACE, pass_index, slot, attempt])
                 index = int(rng.integers(len(paths)))
         raise RuntimeError(f"100 files in a row failed to load from {self.sources[source]['name']}")
 
     def __getitem__(self, k):
         step = self.start_step + k
-        epoch = step // self.steps_per_epoch
+        pass_index = step // self.steps_per_pass
         skipped = [0] * len(self.sources)
         samples = []
         draws = self.sample_draws(step)
         try:
             for slot, (source, index) in enumerate(draws, start=self.first_slot(step)):
-                crops, n_skipped = self.load_sample(source, index, epoch, slot)
+                crops, n_skipped = self.load_sample(source, index, pass_index, slot)
                 samples.append(crops)
                 skipped[source] += n_skipped
         except ImageError as error:

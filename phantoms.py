@@ -8,7 +8,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-_PHANTOM = 4  # the random stream of data.py's numbering that phantoms have always drawn from
+# Random numbers come from np.random.default_rng([seed, STREAM, ...]), as in data.py, on
+# stream numbers of their own: data.py's are 0 to 4 (a test keeps the two sets apart), so a
+# phantom's labels are never also the shuffle of a training run on them. SeedSequence pads
+# with zeros, so [seed, S] is [seed, S, 0]: the splits cannot share a number with phantom 0.
+_SPLITS = 10  # [seed, 10]: the shuffle that deals out train, val and test
+_PHANTOMS = 11  # [seed, 11, i]: phantom i's labels; [seed, 11, i, 1 to 3]: draw_phantom's
 
 # Tests, examples and a first training run need chest X-rays anyone can regenerate, whose
 # labels are true by construction. Cartoons, not anatomy: body, shoulders, two dark lungs, a
@@ -180,14 +185,14 @@ def make_phantoms(out_dir, n=2000, size=256, seed=0):
     out = Path(out_dir)
     for folder in ("images", "masks"):
         (out / folder).mkdir(parents=True, exist_ok=True)
-    rank = np.argsort(np.random.default_rng([seed, _PHANTOM]).permutation(n)).tolist()
+    rank = np.argsort(np.random.default_rng([seed, _SPLITS]).permutation(n)).tolist()
     rows = [["image", "mask", "split", "sex", "age", "finding"]]
     for i in range(n):
-        meta = np.random.default_rng([seed, _PHANTOM, i])
+        meta = np.random.default_rng([seed, _PHANTOMS, i])
         sex = ("M", "F")[meta.integers(2)]
         age = int(meta.integers(18, 91))
         finding = FINDINGS[meta.choice(4, p=[0.4, 0.2, 0.2, 0.2])]
-        image, lungs = draw_phantom(size, sex, age, finding, key=(seed, _PHANTOM, i))
+        image, lungs = draw_phantom(size, sex, age, finding, key=(seed, _PHANTOMS, i))
         name = f"{i:05d}.png"
         Image.fromarray(image).save(out / "images" / name, compress_level=1)  # 2x faster
         Image.fromarray(lungs.astype(np.uint8) * 255).save(out / "masks" / name, compress_level=1)

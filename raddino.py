@@ -45,10 +45,15 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2)  # -> (B, N, D), patches in row-major order
 
 
+def attention_weights(q, k):
+    """softmax(Q K^T / sqrt(d)): how much each query attends to each key, (B, H, Nq, N)."""
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, Nq, N)
+    return scores.softmax(dim=-1)
+
+
 def attention_reference(q, k, v):
     """softmax(Q K^T / sqrt(d)) V written out: what SDPA computes, for readers and tests."""
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, N, N)
-    return scores.softmax(dim=-1) @ v  # (B, H, N, Dh)
+    return attention_weights(q, k) @ v  # (B, H, N, Dh)
 
 
 class Attention(nn.Module):
@@ -60,12 +65,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim, bias=True)
 
+    def qkv_heads(self, x):
+        """Tokens (B, N, D) -> queries, keys and values, each (B, H, N, Dh)."""
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        return qkv.permute(2, 0, 3, 1, 4)  # (B, N, 3, H, Dh) -> 3 x (B, H, N, Dh)
+
     def forward(self, x):
         B, N, D = x.shape
-        head_dim = D // self.num_heads
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, N, 3, H, Dh) -> 3 x (B, H, N, Dh)
-        # A flash or memory-efficient kernel when one is available; attention_reference otherwise.
+        q, k, v = self.qkv_heads(x)
+        # A flash or memory-efficient kernel where the device and inputs allow one, else
+        # torch's own math kernel: each computes what attention_reference writes out.
         x = F.scaled_dot_product_attention(q, k, v)
         x = x.transpose(1, 2).reshape(B, N, D)  # (B, H, N, Dh) -> (B, N, D)
         return self.proj(x)
@@ -167,18 +177,14 @@ class ViT(nn.Module):
             interpolate_offset = 0.0 if num_register_tokens else 0.1
         if interpolate_antialias is None:
             interpolate_antialias = bool(num_register_tokens)
-        # Everything needed to rebuild this model: saved in checkpoints, read by weights.py.
+        # Everything needed to rebuild this model, kept once: saved in checkpoints, read by
+        # weights.py, and by the methods below (embed_dim and patch_size are views of it).
         self.args = dict(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, ffn=ffn,
             num_register_tokens=num_register_tokens, layerscale_init=layerscale_init,
             drop_path_rate=drop_path_rate, interpolate_offset=interpolate_offset,
             interpolate_antialias=interpolate_antialias)
-        self.patch_size = patch_size
-        self.embed_dim = embed_dim
-        self.num_register_tokens = num_register_tokens
-        self.interpolate_offset = interpolate_offset
-        self.interpolate_antialias = interpolate_antialias
         self.grad_checkpointing = False
 
         grid = img_size // patch_size
@@ -196,11 +202,19 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.reset_parameters()
 
+    @property
+    def embed_dim(self):
+        return self.args["embed_dim"]
+
+    @property
+    def patch_size(self):
+        return self.args["patch_size"]
+
     def reset_parameters(self):
         """DINOv2's init. LayerScale gammas keep their init value."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
-        if self.num_register_tokens:
+        if self.args["num_register_tokens"]:
             nn.init.normal_(self.register_tokens, std=1e-6)
         nn.init.zeros_(self.mask_token)
         init_linears(self)
@@ -218,14 +232,14 @@ class ViT(nn.Module):
         cls_pos = stored[:, :1]
         patch_pos = stored[:, 1:].float().reshape(1, M, M, -1)
         patch_pos = patch_pos.permute(0, 3, 1, 2)  # (1, M, M, D) -> (1, D, M, M)
-        offset = self.interpolate_offset
+        offset = self.args["interpolate_offset"]
         if offset:
             scale = ((grid_h + offset) / M, (grid_w + offset) / M)
             target = dict(scale_factor=scale)
         else:
             target = dict(size=(grid_h, grid_w))
         patch_pos = F.interpolate(
-            patch_pos, mode="bicubic", antialias=self.interpolate_antialias, **target)
+            patch_pos, mode="bicubic", antialias=self.args["interpolate_antialias"], **target)
         assert patch_pos.shape[-2:] == (grid_h, grid_w), f"interpolated to {patch_pos.shape}"
         patch_pos = patch_pos.permute(0, 2, 3, 1)  # (1, D, h, w) -> (1, h, w, D)
         patch_pos = patch_pos.reshape(1, grid_h * grid_w, -1)
@@ -245,14 +259,14 @@ class ViT(nn.Module):
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
         x = x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size)
-        if self.num_register_tokens:  # after CLS, without position embeddings
+        if self.args["num_register_tokens"]:  # after CLS, without position embeddings
             registers = self.register_tokens.expand(B, -1, -1)
             x = torch.cat([x[:, :1], registers, x[:, 1:]], dim=1)
         return x
 
     def split_tokens(self, x):
         """(B, 1 + R + N, D) -> {"cls": (B, D), "reg": (B, R, D), "patch": (B, N, D)}."""
-        first_patch = 1 + self.num_register_tokens
+        first_patch = 1 + self.args["num_register_tokens"]
         return {"cls": x[:, 0], "reg": x[:, 1:first_patch], "patch": x[:, first_patch:]}
 
     def forward_features(self, x, masks=None):
@@ -261,8 +275,8 @@ class ViT(nn.Module):
         x = self.prepare_tokens(x, masks)
         for block in self.blocks:
             if self.grad_checkpointing and self.training:
-                # Recompute activations in the backward pass: ~30% more compute, far less
-                # memory (what 518-px global crops need).
+                # Recompute activations in the backward pass: more compute, far less memory
+                # (what 518-px global crops need; bench.py train --grad-checkpointing).
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
@@ -303,14 +317,10 @@ class ViT(nn.Module):
         x = self.prepare_tokens(x)
         for block in self.blocks[:-1]:
             x = block(x)
-        last = self.blocks[-1].attn
-        B, N, D = x.shape
-        head_dim = D // last.num_heads
-        qkv = last.qkv(self.blocks[-1].norm1(x)).reshape(B, N, 3, last.num_heads, head_dim)
-        q, k, _ = qkv.permute(2, 0, 3, 1, 4)  # (B, N, 3, H, Dh) -> 3 x (B, H, N, Dh)
-        scores = q[:, :, :1] @ k.transpose(-2, -1) / math.sqrt(head_dim)  # (B, H, 1, N)
-        attention = scores.softmax(dim=-1)[:, :, 0]  # (B, H, N)
-        return attention[:, :, 1 + self.num_register_tokens:]  # (B, H, patches)
+        last = self.blocks[-1]
+        q, k, _ = last.attn.qkv_heads(last.norm1(x))  # each (B, H, N, Dh)
+        attention = attention_weights(q[:, :, :1], k)[:, :, 0]  # the CLS query's: (B, H, N)
+        return attention[:, :, 1 + self.args["num_register_tokens"]:]  # (B, H, patches)
 
 
 # Heads are 64 wide, as in DINOv2. vit_tiny (DeiT-Ti widths) is not a DINOv2 release: it is

@@ -6,7 +6,8 @@
 
 One script, top to bottom: config -> distributed -> data -> model -> optimiser and
 schedules -> resume -> loop -> export. The method lives in raddino.py, the images in
-data.py, the weight formats in weights.py.
+data.py, the weight formats (checkpoints and the export's model card too) in weights.py,
+the drawing of loss.png in plot.py.
 """
 
 import difflib
@@ -25,10 +26,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from PIL import Image, ImageDraw
 
 import data
 import phantoms
+import plot
 import raddino
 import weights
 
@@ -44,10 +45,6 @@ FLEXIBLE_TYPES = {"compile": (bool, str), "data.root": (str, list)}
 RESUMABLE_KEYS = {"resume", "out_dir", "train.steps", "train.save_every", "train.log_every",
                   "train.keep_checkpoints", "device", "compile", "precision", "data.root",
                   "data.workers", "data.on_bad_file"}
-
-# Where the DINOv2 weights that configs name by file can be downloaded.
-DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{0}/{0}_pretrain.pth"
-
 
 def load_config(argv):
     """config.yaml, then an optional `config=other.yaml` on top, then `key=value` overrides.
@@ -182,52 +179,34 @@ if config["data.root"] == "data/synthetic":  # the built-in default: phantoms, d
                          f"data.synthetic_images={n}: delete data/synthetic to draw it again, "
                          f"or set data.synthetic_images={found}")
 try:
-    sources = data.read_sources(config["data.root"], split=config["data.split"] or None)
-except ValueError as error:  # e.g. a plain folder of images with the default data.split=train
+    sources = data.read_sources(config["data.root"], split=config["data.split"])
+except ValueError as error:  # e.g. a missing folder, or a table without data.split
     raise SystemExit(f"error: {error}")
 for source in sources:
     synthetic = " (SYNTHETIC phantoms)" if "synthetic" in source["name"] else ""
     log(f"data: {len(source['paths'])} images, weight {source['weight']:g}, "
         f"from {source['name']}{synthetic}")
 
-global_size = config["crops.global_size"]
-patch_size = config["model.patch_size"]
-multicrop = data.MultiCrop(
-    global_size=global_size,
-    local_size=config["crops.local_size"],
-    n_local=config["crops.n_local"],
-    global_scale=tuple(config["crops.global_scale"]),
-    local_scale=tuple(config["crops.local_scale"]),
-    flip_prob=config["crops.flip_prob"],
-    jitter_prob=config["crops.jitter_prob"],
-    brightness=config["crops.brightness"],
-    contrast=config["crops.contrast"],
-    blur_probs=tuple(config["crops.blur_probs"]),
-    solarize_prob=config["crops.solarize_prob"],
-)
-mask_generator = data.MaskGenerator(global_size // patch_size)
+# The crops.* keys are MultiCrop's parameter names (a test keeps them so).
+crops = {key[len("crops."):]: value for key, value in config.items() if key.startswith("crops.")}
+multicrop = data.MultiCrop(**crops)
+mask_generator = data.MaskGenerator(config["crops.global_size"] // config["model.patch_size"])
 
 # ===== model =====
-init_backbone = config["init.backbone"]
-if init_backbone:
-    if not Path(init_backbone).exists():
-        name = Path(init_backbone).name
-        hint = ""
-        if name.startswith("dinov2_") and name.endswith("_pretrain.pth"):
-            url = DINOV2_URL.format(name[:-len("_pretrain.pth")])
-            hint = f"; download it from {url}"
-        raise SystemExit(f"error: init.backbone {init_backbone} does not exist{hint}, "
-                         f"or set init.backbone= to another file")
+if config["init.backbone"]:
     # Pretrained weights keep their stored position-embedding grid; other sizes interpolate.
-    backbone = weights.load_backbone(init_backbone, in_chans=1,
-                                     drop_path_rate=config["model.drop_path"])
-    log(f"backbone initialised from {init_backbone}: {backbone.args}")
+    try:
+        backbone = weights.load_backbone(config["init.backbone"], in_chans=1,
+                                         drop_path_rate=config["model.drop_path"])
+    except (FileNotFoundError, ValueError) as error:  # its message, which names the file
+        raise SystemExit(f"error: init.backbone: {error}")
+    log(f"backbone initialised from {config['init.backbone']}: {backbone.args}")
 else:
     # From scratch, the stored grid is the global crop's, as DINOv2 builds it.
     backbone = raddino.build_vit(
         config["model.arch"],
-        img_size=global_size,
-        patch_size=patch_size,
+        img_size=config["crops.global_size"],
+        patch_size=config["model.patch_size"],
         in_chans=1,
         num_register_tokens=config["model.registers"],
         layerscale_init=config["model.layerscale_init"],
@@ -307,31 +286,21 @@ def schedule(step):
 
 
 # ===== resume =====
-
-
-def checkpoint_paths():
-    return sorted(out_dir.glob("checkpoint_*.pt"))  # zero-padded: sorted by name = by step
-
-
 start_step = 0
 history = []
 earlier_skips = []  # files skipped before a resume, over every rank: [[source name, count]]
-if not config["resume"] and checkpoint_paths():
+earlier_checkpoints = weights.checkpoint_paths(out_dir)
+if earlier_checkpoints and not config["resume"]:
     # Starting over beside an earlier run's checkpoints would mix the two: pruning would
     # keep the old ones (higher steps) and a later resume would load the wrong run.
     raise SystemExit(f"error: {out_dir} holds checkpoints of an earlier run (newest "
-                     f"{checkpoint_paths()[-1].name}); with resume=false, choose another "
+                     f"{earlier_checkpoints[-1].name}); with resume=false, choose another "
                      f"out_dir or delete them")
-if config["resume"] and checkpoint_paths():
-    for path in reversed(checkpoint_paths()):  # the newest readable one
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            break
-        except Exception as error:
-            log(f"WARNING: checkpoint {path} is unreadable ({error}); trying the one before")
-    else:
-        raise SystemExit(f"error: no readable checkpoint in {out_dir}; "
-                         f"move them away or choose another out_dir")
+if earlier_checkpoints:
+    try:
+        path, state = weights.read_newest_checkpoint(out_dir, warn=log)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}; move them away or choose another out_dir")
     if state["step"] > config["train.steps"]:
         raise SystemExit(f"error: {path} is at step {state['step']}, past train.steps="
                          f"{config['train.steps']}: raise train.steps or choose another out_dir")
@@ -353,6 +322,36 @@ if config["resume"] and checkpoint_paths():
         torch.cuda.set_rng_state(rng["cuda"], device)
     log(f"resumed from {path} at step {start_step}")
 
+# Files skipped per source (data.on_bad_file=skip), all of their bookkeeping: each rank
+# counts those it met; rank 0 also carries the checkpoint's counts (summed over ranks when it
+# was saved) if it counted the same sources; skipped_files() sums over ranks for the log and
+# the checkpoints.
+names = [source["name"] for source in sources]
+skipped = [0] * len(sources)
+earlier_names = [name for name, _ in earlier_skips]
+if start_step and earlier_names != names:
+    log(f"skipped-file counts start again at 0: the checkpoint counted them for "
+        f"{earlier_names or 'no sources'}, this run reads {names}")
+elif start_step and master:
+    skipped = [n for _, n in earlier_skips]
+
+
+def skipped_files():
+    """[[source name, files skipped so far]], summed over every rank."""
+    total = torch.tensor(skipped, device=device)
+    if distributed:
+        dist.all_reduce(total)
+    return [[name, n] for name, n in zip(names, total.tolist())]
+
+
+# loss.png, redrawn at each checkpoint: the total and each term times its weight, as the
+# total adds them (the legend names any weight other than 1).
+LOSS_PANELS = [{"loss": 1.0,
+                "dino_local": config["loss.dino_weight"],
+                "dino_global": config["loss.dino_weight"],
+                "ibot": config["loss.ibot_weight"],
+                "koleo": config["loss.koleo_weight"]}]
+
 
 def save_checkpoint(step):
     """Everything needed to continue bitwise: weights, optimiser, step, every rank's RNG and
@@ -363,54 +362,15 @@ def save_checkpoint(step):
     all_rng = [rng] * world_size
     if distributed:
         dist.all_gather_object(all_rng, rng)
-    skipped_files = skipped_over_ranks()
+    skipped_so_far = skipped_files()  # every rank takes part in the sum
     if not master:
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "rng": all_rng, "history": history, "config": config,
-             "backbone_args": backbone.args, "code": code,
-             "skipped_files": [[source["name"], n]
-                               for source, n in zip(sources, skipped_files)]}
-    path = out_dir / f"checkpoint_{step:07d}.pt"
-    weights.atomic_write(path, lambda f: torch.save(state, f))
-    for old in checkpoint_paths()[:-config["train.keep_checkpoints"]]:
-        old.unlink()
-    draw_loss_curve(out_dir / "loss.png")
+             "backbone_args": backbone.args, "code": code, "skipped_files": skipped_so_far}
+    path = weights.save_checkpoint(state, out_dir, keep=config["train.keep_checkpoints"])
+    plot.draw_curves(history, LOSS_PANELS, out_dir / "loss.png")
     log(f"saved {path}")
-
-
-def draw_loss_curve(path, width=640, height=360, pad=40):
-    """The total and per-term losses against the step, drawn with Pillow (KoLeo x its weight)."""
-    if len(history) < 2:
-        return
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    colours = {"loss": (0, 0, 0), "dino_local": (31, 119, 180), "dino_global": (44, 160, 44),
-               "ibot": (214, 39, 40), "koleo": (148, 103, 189)}
-    scales = {term: config["loss.koleo_weight"] if term == "koleo" else 1.0 for term in colours}
-    values = [h[term] * scales[term] for h in history for term in colours]
-    top = max(values)
-    bottom = min(values)
-    first_step = history[0]["step"]
-    last_step = history[-1]["step"]
-
-    def x(step):
-        return pad + (width - 2 * pad) * (step - first_step) / max(1, last_step - first_step)
-
-    def y(value):
-        return height - pad - (height - 2 * pad) * (value - bottom) / max(top - bottom, 1e-9)
-
-    draw.rectangle([pad, pad, width - pad, height - pad], outline=(180, 180, 180))
-    for i, (term, colour) in enumerate(colours.items()):
-        points = [(x(h["step"]), y(h[term] * scales[term])) for h in history]
-        draw.line(points, fill=colour, width=2)
-        label = term if scales[term] == 1.0 else f"{term} x{scales[term]:g}"
-        draw.text((pad + 5 + 100 * i, 8), label, fill=colour)
-    draw.text((pad, height - pad + 8), f"step {first_step}", fill=(0, 0, 0))
-    draw.text((width - pad - 70, height - pad + 8), f"step {last_step}", fill=(0, 0, 0))
-    draw.text((5, pad - 12), f"{top:.2f}", fill=(0, 0, 0))
-    draw.text((5, height - pad - 12), f"{bottom:.2f}", fill=(0, 0, 0))
-    image.save(path)
 
 
 # ===== loop =====
@@ -419,29 +379,8 @@ log(f"training steps {start_step} -> {total_steps}: global batch {global_batch} 
     f"(x{2 + config['crops.n_local']} crops), peak lr {peak_lr:.2e}, "
     f"one epoch = {epoch_length} steps")
 metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
-# Files skipped per source: this rank's, and on rank 0 also those before a resume
-# (skipped_over_ranks sums them for the log and the checkpoints).
-skipped = [0] * len(sources)
-names = [source["name"] for source in sources]
-earlier_names = [name for name, _ in earlier_skips]
-if start_step and earlier_names != names:
-    log(f"skipped-file counts start again at 0: the checkpoint counted them for "
-        f"{earlier_names or 'no sources'}, this run reads {names}")
-elif start_step and rank == 0:
-    skipped = [n for _, n in earlier_skips]
-
-
-def skipped_over_ranks():
-    """Files skipped so far per source, summed over every rank (each rank skips its own)."""
-    total = torch.tensor(skipped, device=device)
-    if distributed:
-        dist.all_reduce(total)
-    return total.tolist()
-
-
 warned = False
 window_start = time.time()
-window_images = 0
 window_losses = torch.zeros(len(TERMS), device=device)  # summed over the steps since the last log
 window_steps = 0
 
@@ -450,23 +389,23 @@ def log_step(step, diagnostics, scheduled):
     """Every train.log_every steps: one log line, one metrics.jsonl record, the collapse check.
     Losses are the mean over the steps since the last line (one batch alone is noisy);
     the collapse diagnostics are the last batch's."""
-    global warned, window_start, window_images, window_losses, window_steps
+    global warned, window_start, window_losses, window_steps
     terms = window_losses / window_steps
     if distributed:  # averaged over ranks, for the log
         dist.all_reduce(terms)
         terms /= world_size
     terms = dict(zip(TERMS, terms.tolist()))
-    skipped_files = skipped_over_ranks()
+    skipped_so_far = skipped_files()
     collapse = raddino.collapse_diagnostics(
         diagnostics["teacher_probs"], diagnostics["student_cls"])
-    speed = window_images / (time.time() - window_start)
+    speed = window_steps * global_batch / (time.time() - window_start)  # images per second
     eta_minutes = (total_steps - step) * global_batch / speed / 60
     if use_cuda:
         memory = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     record = {"step": step, **terms, **scheduled, **collapse, "images_per_s": speed,
-              "peak_mem_gib": memory, "skipped_files": sum(skipped_files)}
+              "peak_mem_gib": memory, "skipped_files": sum(n for _, n in skipped_so_far)}
     history.append(record)
     line = (f"step {step}/{total_steps} | loss {terms['loss']:.4f} "
             f"(dino local {terms['dino_local']:.3f} global {terms['dino_global']:.3f} "
@@ -477,9 +416,8 @@ def log_step(step, diagnostics, scheduled):
             f"| H(t) {collapse['teacher_entropy']:.2f} "
             f"H(mean t) {collapse['teacher_batch_entropy']:.2f} "
             f"cls spread {collapse['cls_spread']:.2f}")
-    if any(skipped_files):
-        per_source = ", ".join(f"{n} in {s['name']}"
-                               for n, s in zip(skipped_files, sources) if n)
+    per_source = ", ".join(f"{n} in {name}" for name, n in skipped_so_far if n)
+    if per_source:
         line += f" | skipped files: {per_source}"
     log(line)
     # Judged once the teacher's temperature has stopped moving (at once when it is constant)
@@ -494,7 +432,6 @@ def log_step(step, diagnostics, scheduled):
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
     window_start = time.time()
-    window_images = 0
     window_losses = torch.zeros_like(window_losses)
     window_steps = 0
 
@@ -528,7 +465,8 @@ while step < total_steps:
     # One sync per step: stop before a non-finite loss is applied or saved.
     if not torch.isfinite(losses["loss"].detach()):
         bad = ", ".join(f"{k}={float(losses[k])}" for k in TERMS if not torch.isfinite(losses[k]))
-        newest = checkpoint_paths()[-1] if checkpoint_paths() else "none"
+        saved = weights.checkpoint_paths(out_dir)
+        newest = saved[-1] if saved else "none"
         raise SystemExit(f"error: non-finite loss at step {step}: {bad}; "
                          f"no checkpoint written after it (newest: {newest})")
     optimizer.zero_grad(set_to_none=True)
@@ -540,7 +478,6 @@ while step < total_steps:
     model.update_teacher(scheduled["momentum"])
 
     step += 1
-    window_images += global_batch
     window_losses += torch.stack([losses[k].detach().float() for k in TERMS])
     window_steps += 1
     skipped = [total + new for total, new in zip(skipped, batch["skipped"])]
@@ -550,59 +487,15 @@ while step < total_steps:
         save_checkpoint(step)
 
 # ===== export =====
-
-
-def model_card():
-    """README.md of the export: the hub's convention for saying what a model is."""
-    a = backbone.args
-    data_lines = "\n".join(f"  - `{s['name']}`: {len(s['paths'])} images, weight {s['weight']:g}"
-                           for s in sources)
+if master:
+    export_dir = out_dir / "export"
     launcher = ["python"]
     if distributed:
         launcher = ["torchrun", f"--nproc_per_node={world_size}"]
     command = shlex.join([*launcher, "train.py", *sys.argv[1:]])
-    return f"""---
-library_name: transformers
-tags: [rad-dino, dinov2, chest-x-ray, self-supervised]
----
-# RAD-DINO-style encoder ({config['model.arch']}, trained by train.py)
-
-A Vision Transformer pretrained with DINOv2's self-supervised objective (DINO + iBOT +
-KoLeo) on chest X-rays alone, no text and no labels, by this repository's `train.py`
-(code version `{code}`). The exported network is the EMA teacher's backbone.
-
-- Architecture: ViT, patch {a['patch_size']}, width {a['embed_dim']}, {a['depth']} blocks, \
-{a['num_heads']} heads, {a['num_register_tokens']} register tokens, \
-{n_params / 1e6:.1f}M parameters; trained on one channel, exported with 3 equal channels.
-- Input: `preprocessor_config.json`, rad-dino's processor at {a['img_size']} px: shorter \
-side to {a['img_size']}, bicubic, centre crop, x/255, mean {weights.RAD_DINO_MEAN}, \
-std {weights.RAD_DINO_STD}.
-- Training: {step} steps of {global_batch} images ({world_size} x \
-{config['train.batch_size']} per process), {2 + config['crops.n_local']} crops per image \
-({global_size} px global, {config['crops.local_size']} px local).
-- Data:
-{data_lines}
-
-Reproduce:
-
-```bash
-{command}
-```
-
-```python
-from transformers import pipeline
-extract = pipeline(task="image-feature-extraction", model="path/to/this/folder", pool=False)
-```
-
-The resolved configuration is in `training_config.yaml` beside this file.
-
-Research use only: not a medical device, not validated for any clinical purpose.
-"""
-
-
-if master:
-    export_dir = out_dir / "export"
-    weights.save_hf(model.teacher.backbone, export_dir, card=model_card())
+    card = weights.model_card(model.teacher.backbone, config, sources, command, code, step,
+                              world_size)
+    weights.save_hf(model.teacher.backbone, export_dir, card=card)
     (export_dir / "training_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     log(f"exported the teacher backbone to {export_dir} (transformers' Dinov2Model, with its "
         f"image processor and model card)")

@@ -9,6 +9,8 @@
     load_head                              a DINOv2-style DINO head into student and teacher
     save_hf                                a folder that transformers' AutoModel,
                                            AutoImageProcessor and pipeline() load as they are
+    model_card                             the README.md of a train.py export
+    save_checkpoint, read_newest_checkpoint  train.py's checkpoints, written atomically
 
 Nothing here runs code from a file: .pth files are read with torch.load(weights_only=True)
 and safetensors files are checked byte by byte before a tensor is made.
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+import data
 import raddino
 
 # ===== safetensors =====
@@ -225,13 +228,22 @@ def fold_channels(weight, in_chans):
 # ===== Loading =====
 
 
+# Where DINOv2's hub downloads its backbones from, by name (dinov2/hub/backbones.py).
+DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/{0}/{0}_pretrain.pth"
+
+
 def read_weights(path):
-    """A state dict from .safetensors or a torch file, loaded with weights_only: no code runs."""
+    """A state dict from .safetensors or a torch file, loaded with weights_only: no code runs.
+    A missing DINOv2 hub file (dinov2_vitb14_pretrain.pth, ...) says where to download it."""
     path = Path(path)
+    if not path.is_file():
+        message = f"{path}: no such file"
+        name = path.name.removesuffix("_pretrain.pth")
+        if name.startswith("dinov2_") and name != path.name:
+            message += f"; download it from {DINOV2_URL.format(name)}"
+        raise FileNotFoundError(message)
     if path.suffix == ".safetensors":
         return read_safetensors(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -313,8 +325,6 @@ def backbone_state(path):
     args = None
     if isinstance(state, dict) and "backbone_args" in state and "model" in state:  # train.py's
         args = dict(state["backbone_args"])
-        if "layerscale" in args:  # the name before layerscale_init
-            args["layerscale_init"] = args.pop("layerscale")
         args["drop_path_rate"] = 0.0
         state = strip_prefix(state["model"], "teacher.backbone.")
     elif isinstance(state, dict) and isinstance(state.get("teacher"), dict):  # official DINOv2
@@ -360,10 +370,6 @@ def load_head(model, path):
 
 # ===== Saving for transformers =====
 
-# The image statistics of RAD-DINO's processor (MIMIC-CXR), for pixels in [0, 1].
-RAD_DINO_MEAN = 0.5307
-RAD_DINO_STD = 0.2583
-
 
 def hf_config(args, channels):
     """config.json for transformers' Dinov2Model (Dinov2WithRegistersModel with registers)."""
@@ -395,7 +401,7 @@ def hf_config(args, channels):
     return config
 
 
-def preprocessor_config(image_size, mean=RAD_DINO_MEAN, std=RAD_DINO_STD):
+def preprocessor_config(image_size, mean=data.MEAN, std=data.STD):
     """preprocessor_config.json of microsoft/rad-dino's BitImageProcessor, at image_size: to
     RGB, shorter side to image_size (bicubic), centre crop, x / 255, one mean and std on
     every channel. data.preprocess is the same on one channel, to the last bit with Pillow.
@@ -443,6 +449,86 @@ def save_hf(model, out_dir, channels=3, image_size=None, card=None):
     if card:
         atomic_write_text(out_dir / "README.md", card)
     return out_dir
+
+
+def model_card(backbone, config, sources, command, code, step, world_size):
+    """README.md of a train.py export, the hub's convention for saying what a model is: the
+    network (`backbone`, the exported ViT), how it was trained (the resolved `config`, `step`
+    steps on `world_size` processes, by code version `code`, from `sources` as
+    data.read_sources gives them) and the `command` that reproduces it."""
+    a = backbone.args
+    n_params = sum(p.numel() for p in backbone.parameters())
+    global_batch = world_size * config["train.batch_size"]
+    data_lines = "\n".join(f"  - `{s['name']}`: {len(s['paths'])} images, weight {s['weight']:g}"
+                           for s in sources)
+    return f"""---
+library_name: transformers
+tags: [rad-dino, dinov2, chest-x-ray, self-supervised]
+---
+# RAD-DINO-style encoder ({config['model.arch']}, trained by train.py)
+
+A Vision Transformer pretrained with DINOv2's self-supervised objective (DINO + iBOT +
+KoLeo) on chest X-rays alone, no text and no labels, by this repository's `train.py`
+(code version `{code}`). The exported network is the EMA teacher's backbone.
+
+- Architecture: ViT, patch {a['patch_size']}, width {a['embed_dim']}, {a['depth']} blocks, \
+{a['num_heads']} heads, {a['num_register_tokens']} register tokens, \
+{n_params / 1e6:.1f}M parameters; trained on one channel, exported with 3 equal channels.
+- Input: `preprocessor_config.json`, rad-dino's processor at {a['img_size']} px: shorter \
+side to {a['img_size']}, bicubic, centre crop, x/255, mean {data.MEAN}, std {data.STD}.
+- Training: {step} steps of {global_batch} images ({world_size} x \
+{config['train.batch_size']} per process), {2 + config['crops.n_local']} crops per image \
+({config['crops.global_size']} px global, {config['crops.local_size']} px local).
+- Data:
+{data_lines}
+
+Reproduce:
+
+```bash
+{command}
+```
+
+```python
+from transformers import pipeline
+extract = pipeline(task="image-feature-extraction", model="path/to/this/folder", pool=False)
+```
+
+The resolved configuration is in `training_config.yaml` beside this file.
+
+Research use only: not a medical device, not validated for any clinical purpose.
+"""
+
+
+# ===== train.py's checkpoints =====
+# One torch file per save: {"model", "optimizer", "step", "rng", "history", "config",
+# "backbone_args", "code", "skipped_files"}; load_backbone reads its teacher's backbone.
+
+
+def checkpoint_paths(folder):
+    """The checkpoints in folder, oldest first (zero-padded steps: by name is by step)."""
+    return sorted(Path(folder).glob("checkpoint_*.pt"))
+
+
+def save_checkpoint(state, folder, keep):
+    """state -> folder/checkpoint_{step}.pt, written atomically; then all but the newest
+    `keep` checkpoints in folder are deleted. Returns the path."""
+    path = Path(folder) / f"checkpoint_{state['step']:07d}.pt"
+    atomic_write(path, lambda f: torch.save(state, f))
+    for old in checkpoint_paths(folder)[:-keep]:
+        old.unlink()
+    return path
+
+
+def read_newest_checkpoint(folder, warn=print):
+    """(path, state) of the newest checkpoint in folder that loads. A newer one that does not
+    (atomic writes rule out a crash mid-save, not a disk fault or a copy cut short) is passed
+    over with a warning; none at all that loads is a ValueError."""
+    for path in reversed(checkpoint_paths(folder)):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            warn(f"WARNING: checkpoint {path} is unreadable ({error}); trying the one before")
+    raise ValueError(f"no readable checkpoint in {folder}")
 
 
 def update_model_card(folder, table, backbones, command, data_name="data"):

@@ -478,15 +478,15 @@ def dataset(paths, **kwargs):
     return data.PretrainBatches(sources, data.MultiCrop(**SMALL), data.MaskGenerator(4), **settings)
 
 
-def test_sharding_covers_every_sample_once_per_epoch(phantom_set):
-    paths = data.image_paths(phantom_set)  # 24 images, 2 ranks x 4: 3 steps an epoch
+def test_sharding_covers_every_sample_once_per_pass(phantom_set):
+    paths = data.image_paths(phantom_set)  # 24 images, 2 ranks x 4: 3 steps a pass
     ranks = [dataset(paths, rank=r, world_size=2) for r in range(2)]
-    assert ranks[0].steps_per_epoch == 3
-    for epoch in range(2):
-        seen = [i for step in range(3 * epoch, 3 * epoch + 3) for b in ranks
+    assert ranks[0].steps_per_pass == 3
+    for pass_index in range(2):
+        seen = [i for step in range(3 * pass_index, 3 * pass_index + 3) for b in ranks
                 for _, i in b.sample_draws(step)]
         assert sorted(seen) == list(range(24))
-    assert ranks[0].sample_draws(0) != ranks[0].sample_draws(3)  # reshuffled per epoch
+    assert ranks[0].sample_draws(0) != ranks[0].sample_draws(3)  # reshuffled per pass
     with pytest.raises(ValueError, match="24 images cannot fill"):
         dataset(paths, batch_size=13, world_size=2)
 
@@ -518,7 +518,7 @@ def test_bad_files_are_skipped_or_raised(phantom_set, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     (tmp_path / "empty.png").write_bytes(b"")
     paths = data.image_paths(phantom_set)[:6] + [tmp_path / "broken.png", tmp_path / "empty.png"]
-    skipping = batches(paths, on_bad_file="skip")  # 8 paths, batch 4: 2 steps an epoch
+    skipping = batches(paths, on_bad_file="skip")  # 8 paths, batch 4: 2 steps a pass
     skipped = [next(skipping) for _ in range(2)]
     assert all(b["global"].shape == (8, 1, 32, 32) for b in skipped)
     assert sum(b["skipped"][0] for b in skipped) >= 2  # both bad files, once each at least
@@ -561,31 +561,31 @@ def test_read_sources_reads_a_list_and_names_the_bad_source(tmp_path):
 
 
 def fake_sources(*sizes_and_weights):
-    """Sources of made-up paths (epoch_order never opens them), named A, B, C..."""
+    """Sources of made-up paths (pass_order never opens them), named A, B, C..."""
     return [{"name": chr(65 + s), "paths": [f"{chr(65 + s)}{i}" for i in range(n)], "weight": w}
             for s, (n, w) in enumerate(sizes_and_weights)]
 
 
-def test_draws_per_epoch_follow_the_weights():
+def test_draws_per_pass_follow_the_weights():
     sources = fake_sources((10, 1.0), (4, 2.5), (6, 0.5))
-    orders = [data.epoch_order(sources, seed=5, epoch=e) for e in range(2)]
+    orders = [data.pass_order(sources, seed=5, pass_index=p) for p in range(2)]
     for order in orders:
         drawn = [[i for s, i in order if s == source] for source in range(3)]
         assert [len(d) for d in drawn] == [10, 10, 3]  # round(weight x images)
         assert sorted(drawn[0]) == list(range(10))  # weight 1: every image exactly once
         assert sorted(drawn[1].count(i) for i in range(4)) == [2, 2, 3, 3]  # 2.5: 2 or 3 times
         assert [s for s, _ in order] != sorted(s for s, _ in order)  # the sources are mixed
-    # The epochs continue one chain of permutations, so over two epochs weight 0.5 draws
+    # The passes continue one chain of permutations, so over two passes weight 0.5 draws
     # each of its images once, and 2.5 each of its images 5 times.
     both = orders[0] + orders[1]
     assert sorted(i for s, i in both if s == 2) == list(range(6))
     assert [[i for s, i in both if s == 1].count(i) for i in range(4)] == [5] * 4
-    assert orders[0] == data.epoch_order(sources, seed=5, epoch=0)  # a pure function
-    assert orders[0] != data.epoch_order(sources, seed=6, epoch=0)
+    assert orders[0] == data.pass_order(sources, seed=5, pass_index=0)  # a pure function
+    assert orders[0] != data.pass_order(sources, seed=6, pass_index=0)
 
 
 def mixture(tmp_path, **kwargs):
-    """The batches of two folders, 6 images of weight 1 and 3 of weight 2: 12 draws an epoch."""
+    """The batches of two folders, 6 images of weight 1 and 3 of weight 2: 12 draws a pass."""
     if not (tmp_path / "a").exists():
         folder(tmp_path / "a", 6)
         folder(tmp_path / "b", 3, seed=10)
@@ -601,7 +601,7 @@ def same(one, other):
 def test_mixture_batches_are_a_pure_function_of_seed_step_and_rank(tmp_path):
     first = mixture(tmp_path)
     second = mixture(tmp_path)  # built apart, in another order of calls
-    assert first.steps_per_epoch == 3
+    assert first.steps_per_pass == 3
     later = [second[k] for k in (4, 1)]
     assert same(first[1], later[1]) and same(first[4], later[0])
     assert same(first[4], mixture(tmp_path, start_step=4)[0])  # resume
@@ -613,8 +613,8 @@ def test_mixture_batches_are_a_pure_function_of_seed_step_and_rank(tmp_path):
         assert torch.equal(joined, whole["global"][4 * c:4 * c + 4])
 
 
-def test_an_image_drawn_twice_in_an_epoch_gets_other_crops(tmp_path):
-    batches = mixture(tmp_path, batch_size=12)  # the whole epoch in one batch
+def test_an_image_drawn_twice_in_a_pass_gets_other_crops(tmp_path):
+    batches = mixture(tmp_path, batch_size=12)  # the whole pass in one batch
     draws = batches.sample_draws(0)
     batch = batches[0]
     twice = [(i, j) for i in range(12) for j in range(i + 1, 12) if draws[i] == draws[j]]
@@ -631,7 +631,7 @@ def test_skipped_files_are_counted_for_their_own_source(tmp_path):
     sources = data.read_sources([good, bad])
     batches = data.PretrainBatches(sources, data.MultiCrop(**SMALL), data.MaskGenerator(4),
                                    batch_size=4, on_bad_file="skip")
-    skipped = [batches[k]["skipped"] for k in range(2)]  # one epoch: every file once
+    skipped = [batches[k]["skipped"] for k in range(2)]  # one pass: every file once
     assert sum(counts[0] for counts in skipped) == 0
     assert sum(counts[1] for counts in skipped) >= 2  # both broken files, once each at least
 

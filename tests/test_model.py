@@ -140,9 +140,10 @@ def test_interpolation_without_offset_uses_the_target_size():
 
 
 def test_register_models_default_to_antialias_without_offset():
-    assert (tiny().interpolate_offset, tiny().interpolate_antialias) == (0.1, False)
+    plain = tiny().args
+    assert (plain["interpolate_offset"], plain["interpolate_antialias"]) == (0.1, False)
     reg = tiny(num_register_tokens=4)
-    assert (reg.interpolate_offset, reg.interpolate_antialias) == (0.0, True)
+    assert (reg.args["interpolate_offset"], reg.args["interpolate_antialias"]) == (0.0, True)
     out = reg.forward_features(torch.randn(2, 3, 98, 70))
     assert out["reg"].shape == (2, 4, 64) and out["patch"].shape == (2, 35, 64)
 

@@ -1,6 +1,7 @@
 """train.py end to end, as a user runs it: config overrides, schedules, parameter groups,
 checkpoints, bitwise resume after SIGKILL, DDP on CPU, and the NaN stop."""
 
+import inspect
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+import data
 import phantoms
 import raddino
 import weights
@@ -392,6 +394,15 @@ def test_the_long_configs_undo_every_short_run_value():
     for key in sorted(short_run):
         assert key in dinov2 and dinov2[key] != base[key], key
         assert rad_dino.get(key) == dinov2[key], key
+
+
+def test_every_crops_key_is_a_multicrop_parameter():
+    """train.py hands the crops.* keys to data.MultiCrop by name."""
+    parameters = inspect.signature(data.MultiCrop).parameters
+    for path in (ROOT / "config.yaml", *sorted((ROOT / "configs").glob("*.yaml"))):
+        for key in yaml.safe_load(path.read_text()):
+            if key.startswith("crops."):
+                assert key[len("crops."):] in parameters, (path.name, key)
 
 
 def test_the_rad_dino_config_needs_the_dinov2_weights(phantom_set, tmp_path):

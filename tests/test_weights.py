@@ -171,6 +171,27 @@ def test_load_backbone_reports_every_mismatch(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
         weights.load_backbone(tmp_path / "folder")
+    # A missing DINOv2 hub file says where it is downloaded from; another missing file not.
+    url = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth"
+    with pytest.raises(FileNotFoundError, match=f"no such file; download it from {url}"):
+        weights.load_backbone(tmp_path / "dinov2_vits14_pretrain.pth")
+    with pytest.raises(FileNotFoundError, match="no such file$"):
+        weights.load_backbone(tmp_path / "mine.safetensors")
+
+
+def test_checkpoints_are_pruned_and_an_unreadable_newest_one_is_passed_over(tmp_path):
+    for step in (1, 2, 3):
+        weights.save_checkpoint({"step": step}, tmp_path, keep=2)
+    paths = weights.checkpoint_paths(tmp_path)
+    assert [p.name for p in paths] == ["checkpoint_0000002.pt", "checkpoint_0000003.pt"]
+    paths[1].write_bytes(paths[1].read_bytes()[:20])  # cut short
+    warnings = []
+    path, state = weights.read_newest_checkpoint(tmp_path, warn=warnings.append)
+    assert path == paths[0] and state == {"step": 2}
+    assert len(warnings) == 1 and "checkpoint_0000003.pt is unreadable" in warnings[0]
+    paths[0].write_bytes(b"")
+    with pytest.raises(ValueError, match="no readable checkpoint"):
+        weights.read_newest_checkpoint(tmp_path, warn=warnings.append)
 
 
 class Exploit:
@@ -307,6 +328,19 @@ def test_save_hf_writes_the_model_card_only_when_given(tmp_path):
     processor = json.loads((without / "preprocessor_config.json").read_text())
     assert processor["size"] == {"shortest_edge": 56}
     assert processor["crop_size"] == {"height": 56, "width": 56}
+
+
+def test_the_model_card_describes_the_network_the_run_and_the_data():
+    config = {"model.arch": "vit_tiny", "train.batch_size": 4, "crops.n_local": 2,
+              "crops.global_size": 56, "crops.local_size": 28}
+    sources = [{"name": "data/a", "paths": ["x.png"] * 6, "weight": 2.5}]
+    card = weights.model_card(tiny(), config, sources, "torchrun train.py", "abc1234", 7, 2)
+    assert card.startswith("---\nlibrary_name: transformers") and "`abc1234`" in card
+    assert "ViT, patch 14, width 64, 2 blocks, 2 heads, 0 register tokens" in card
+    assert f"mean {data.MEAN}, std {data.STD}" in card  # the processor's, as save_hf writes it
+    assert "7 steps of 8 images (2 x 4 per process), 4 crops per image" in card
+    assert "(56 px global, 28 px local)" in card
+    assert "  - `data/a`: 6 images, weight 2.5\n" in card and "torchrun train.py\n" in card
 
 
 @needs_covid
