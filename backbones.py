@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import probes
 import raddino
 import weights
 
@@ -314,3 +315,54 @@ def chosen_features(features, spelling):
     last4+avgpool is DINOv2's linear-probe input (dinov2/eval/linear.py,
     create_linear_input: the CLS of the last 4 blocks and the mean patch token)."""
     return torch.cat([features[part] for part in spelling.split("+")], 1)
+
+
+class ProbeSet:
+    """A labelled table held in memory for train.py's learning signal: up to `max_images`
+    preprocessed images of its train, val and test rows (in table order) and one label
+    column. score(features) fits a probe of probes.py on the train rows' CLS features and
+    scores it on the test rows: ridge R^2 for a numeric column, k-NN AUROC for classes."""
+
+    def __init__(self, table, column, size, max_images):
+        rows = data.read_table(table, require=["split", column])
+        rows = [row for row in rows
+                if row[column] is not None and row["split"] in ("train", "val", "test")]
+        rows = rows[:max_images]
+        values = [row[column] for row in rows]
+        self.numeric = all(value.replace(".", "", 1).isdigit() for value in values)
+        if self.numeric:
+            self.target = np.array([float(value) for value in values])
+            self.metric = "r2"
+        else:
+            classes = sorted(set(values))
+            self.target = np.array([classes.index(value) for value in values])
+            self.metric = "auroc"
+        self.split = np.array([row["split"] for row in rows])
+        needed = ("train", "val", "test") if self.numeric else ("train", "test")
+        missing = [name for name in needed if not (self.split == name).any()]
+        if missing or (not self.numeric and len(set(values)) < 2):
+            raise ValueError(f"{table}: the first {max_images} rows with a '{column}' need "
+                             f"rows in the {', '.join(needed)} splits and, for classes, two "
+                             f"of them (missing: {', '.join(missing) or 'a second class'})")
+        self.name = f"{column}_{self.metric}"
+        self.description = (f"{column} of {table}, {len(rows)} images "
+                            f"({(self.split == 'train').sum()} train, "
+                            f"{(self.split == 'test').sum()} test), "
+                            f"{'ridge R^2' if self.numeric else 'k-NN AUROC'} of the CLS token")
+        self.images = torch.stack([data.preprocess(data.load_image(row["image"]), size)
+                                   for row in rows])  # (n, 1, S, S)
+
+    @torch.no_grad()
+    def score(self, forward_features, device="cpu", batch_size=64):
+        """forward_features: images (B, 1, S, S) -> {"cls": (B, D), ...}, a ViT's or Pixels'."""
+        cls = []
+        for first in range(0, len(self.images), batch_size):
+            batch = self.images[first:first + batch_size].to(device)
+            cls.append(forward_features(batch)["cls"].float().cpu())
+        cls = torch.cat(cls).numpy()
+        test = self.split == "test"
+        if self.numeric:
+            prediction = probes.ridge_probe(cls, self.target, self.split)["test_pred"]
+            return probes.r_squared(self.target[test], prediction)
+        prob = probes.knn_probe(cls, self.target, self.split)["test_prob"]
+        return probes.CLASSIFICATION["auroc"](self.target[test], prob)

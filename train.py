@@ -5,12 +5,12 @@
     torchrun --nproc_per_node=8 train.py config=...  # DDP: NCCL on GPUs, gloo on CPUs
 
 One script, top to bottom: config -> distributed -> data -> model -> optimiser and
-schedules -> resume -> loop -> export. The method lives in raddino.py, the images in
-data.py, the weight formats (checkpoints and the export's model card too) in weights.py,
-the drawing of loss.png in plot.py.
+schedules -> resume -> learning signal -> loop -> export. The method lives in raddino.py,
+the images in data.py, the weight formats (checkpoints and the export's model card too) in
+weights.py, the reading and checking of config.yaml in configurator.py, the drawing of
+loss.png in plot.py, the probe of the learning signal in backbones.py and probes.py.
 """
 
-import difflib
 import gc
 import json
 import math
@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import yaml
 
+import backbones
+import configurator
 import data
 import phantoms
 import plot
@@ -37,80 +39,16 @@ HERE = Path(__file__).resolve().parent
 
 # ===== config =====
 
-# Keys whose value may take more than one type; every other key keeps config.yaml's type.
-FLEXIBLE_TYPES = {"compile": (bool, str), "data.root": (str, list)}
-
-# Keys a resume may change: how long, where and how the run is carried out, and where its
-# data lie. Any other key differing from the checkpoint's stops the resume.
+# Keys a resume may change: how long, where and how the run is carried out, where its
+# data lie, and what watches it. Any other key differing from the checkpoint's stops the
+# resume.
 RESUMABLE_KEYS = {"resume", "out_dir", "train.steps", "train.save_every", "train.log_every",
                   "train.keep_checkpoints", "device", "compile", "precision", "data.root",
-                  "data.workers", "data.on_bad_file"}
-
-def load_config(argv):
-    """config.yaml, then an optional `config=other.yaml` on top, then `key=value` overrides.
-
-    Every key must exist in config.yaml and keep its type; a typo gets the nearest key."""
-    config = yaml.safe_load((HERE / "config.yaml").read_text())
-    from_files = {}
-    from_line = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise SystemExit(f"error: arguments are key=value, got {arg!r}")
-        if key == "config":
-            file_values = yaml.safe_load(Path(value).read_text()) or {}
-            for file_key, file_value in file_values.items():
-                from_files[file_key] = (file_value, value)
-        else:
-            parsed = yaml.safe_load(value) if value else ""
-            from_line[key] = (parsed, "the command line")
-    # The files first, then key=value on top, wherever config= stands on the line.
-    overrides = {**from_files, **from_line}
-    for key, (value, source) in overrides.items():
-        if key not in config:
-            message = f"error: unknown key {key!r} in {source}"
-            near = difflib.get_close_matches(key, list(config), n=1)
-            if near:
-                message += f"; did you mean {near[0]!r}?"
-            raise SystemExit(message)
-        config[key] = check_type(key, value, config[key], source)
-    return config
+                  "data.workers", "data.on_bad_file", "eval.every", "eval.data", "eval.label",
+                  "eval.images"}
 
 
-def check_type(key, value, default, source):
-    """An int where the default is a float becomes a float; any other change of type is an error."""
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, float) and isinstance(value, str):
-        # YAML 1.1 reads 5e-4 (no dot) as a string; Python reads it as the float it is.
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    allowed = FLEXIBLE_TYPES.get(key, (type(default),))
-    if type(value) in allowed:
-        return value
-    raise SystemExit(f"error: {key} from {source} must be {type(default).__name__} "
-                     f"like {default!r}, got {value!r}")
-
-
-def check_values(config):
-    """The values a type check cannot judge, refused at once with the key's name."""
-    choices = {"device": ("auto", "cuda", "cpu"), "compile": ("auto", True, False),
-               "precision": ("auto", "bf16", "fp32"),
-               "centering": ("centering", "sinkhorn_knopp")}
-    for key, allowed in choices.items():
-        if config[key] not in allowed:
-            raise SystemExit(f"error: {key} must be one of {', '.join(map(str, allowed))}, "
-                             f"got {config[key]!r}")
-    for key in ("train.steps", "train.batch_size", "train.epoch_length", "train.save_every",
-                "train.log_every", "train.keep_checkpoints"):
-        if config[key] < 1:
-            raise SystemExit(f"error: {key} must be at least 1, got {config[key]}")
-
-
-config = load_config(sys.argv[1:])
-check_values(config)
+config = configurator.load_config(HERE / "config.yaml", sys.argv[1:])
 
 # ===== distributed =====
 # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python train.py` is world size 1.
@@ -350,7 +288,8 @@ LOSS_PANELS = [{"loss": 1.0,
                 "dino_local": config["loss.dino_weight"],
                 "dino_global": config["loss.dino_weight"],
                 "ibot": config["loss.ibot_weight"],
-                "koleo": config["loss.koleo_weight"]}]
+                "koleo": config["loss.koleo_weight"]},
+               {"teacher_entropy": 1.0, "teacher_batch_entropy": 1.0}]  # the collapse check
 
 
 def save_checkpoint(step):
@@ -373,12 +312,49 @@ def save_checkpoint(step):
     log(f"saved {path}")
 
 
+# ===== learning signal =====
+# DINO's loss says little about what the encoder learns (the teacher moves the target as the
+# student moves), so rank 0 probes the teacher every eval.every steps: its CLS tokens of a
+# labelled table, read by a probe of probes.py (ridge R^2 for a numeric label, k-NN AUROC
+# for classes), beside the same probe on the image's 14 x 14 thumbnail (backbones.Pixels),
+# the control that a pretrained encoder has to beat.
+probe_set = None
+probe_key = None
+probe_table = config["eval.data"]
+if not probe_table and config["data.root"] == "data/synthetic":
+    probe_table = "data/synthetic/labels.csv"  # the phantoms' own labels and test split
+if master and config["eval.every"] and probe_table:
+    try:
+        probe_set = backbones.ProbeSet(probe_table, config["eval.label"],
+                                       config["crops.global_size"], config["eval.images"])
+    except ValueError as error:
+        raise SystemExit(f"error: eval.data / eval.label: {error}")
+    probe_key = f"probe_{probe_set.name}"
+    pixels = probe_set.score(backbones.Pixels().forward_features)
+    log(f"probe every {config['eval.every']} steps: {probe_set.description}; the 14 x 14 "
+        f"thumbnail scores {pixels:.3f}")
+    LOSS_PANELS.insert(1, {probe_key: 1.0, f"{probe_key}_pixels": 1.0})
+
+
+def probe_teacher():
+    """The teacher's probe score now, and the thumbnail's beside it, for the log record."""
+    with torch.no_grad(), autocast:
+        value = probe_set.score(model.teacher.backbone.forward_features, device)
+    return {probe_key: value, f"{probe_key}_pixels": pixels}
+
+
 # ===== loop =====
 TERMS = ("dino_local", "dino_global", "koleo", "ibot", "loss")
 log(f"training steps {start_step} -> {total_steps}: global batch {global_batch} "
     f"(x{2 + config['crops.n_local']} crops), peak lr {peak_lr:.2e}, "
     f"one epoch = {epoch_length} steps")
 metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
+if probe_set and start_step == 0:
+    # Step 0: the network before any training, random init or init.backbone's weights.
+    record = {"step": 0, **probe_teacher()}
+    history.append(record)
+    metrics_file.write(json.dumps(record) + "\n")
+    log(f"probe at step 0: {probe_set.name} {record[probe_key]:.3f}")
 warned = False
 window_start = time.time()
 window_losses = torch.zeros(len(TERMS), device=device)  # summed over the steps since the last log
@@ -406,6 +382,8 @@ def log_step(step, diagnostics, scheduled):
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     record = {"step": step, **terms, **scheduled, **collapse, "images_per_s": speed,
               "peak_mem_gib": memory, "skipped_files": sum(n for _, n in skipped_so_far)}
+    if probe_set and (step % config["eval.every"] == 0 or step == total_steps):
+        record.update(probe_teacher())
     history.append(record)
     line = (f"step {step}/{total_steps} | loss {terms['loss']:.4f} "
             f"(dino local {terms['dino_local']:.3f} global {terms['dino_global']:.3f} "
@@ -416,6 +394,8 @@ def log_step(step, diagnostics, scheduled):
             f"| H(t) {collapse['teacher_entropy']:.2f} "
             f"H(mean t) {collapse['teacher_batch_entropy']:.2f} "
             f"cls spread {collapse['cls_spread']:.2f}")
+    if probe_key in record:
+        line += f" | probe {probe_set.name} {record[probe_key]:.3f} (thumbnail {pixels:.3f})"
     per_source = ", ".join(f"{n} in {name}" for name, n in skipped_so_far if n)
     if per_source:
         line += f" | skipped files: {per_source}"
@@ -427,7 +407,7 @@ def log_step(step, diagnostics, scheduled):
         warned = True  # said once
         log("WARNING: the outputs look collapsed (teacher near-uniform, one prototype for every "
             "image, or all CLS embeddings alike). Check the learning rate, teacher temperature "
-            "and centring (README, 'Short runs').")
+            "and centring (docs/short-runs.md).")
     if metrics_file:
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()

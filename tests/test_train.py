@@ -11,12 +11,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
+import backbones
 import data
 import phantoms
+import probes
 import raddino
 import weights
 
@@ -85,13 +89,18 @@ def test_a_short_run_end_to_end(phantom_set, tmp_path):
     # an int where a float is expected is fine
     (tmp_path / "extra.yaml").write_text("optim.base_lr: 1\n")
     result = train(tiny_run(phantom_set, out, f"config={tmp_path / 'extra.yaml'}", "train.steps=3",
-                            "train.save_every=2", "train.epoch_length=1"))
+                            "train.save_every=2", "train.epoch_length=1", "eval.every=2",
+                            f"eval.data={phantom_set}", "eval.label=age"))
     log = result.stdout
     assert ("torch " + torch.__version__ in log and "world size 1" in log
             and "crops.n_local: 2" in log)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in records)
+    assert [r["step"] for r in records] == [0, 1, 2, 3]  # step 0: the probe of the init
+    assert all(math.isfinite(r["loss"]) and r["images_per_s"] > 0 for r in records[1:])
+    # The learning signal: at step 0, every eval.every steps and at the end, on the log line
+    probed = [r["step"] for r in records if "probe_age_r2" in r]
+    assert probed == [0, 2, 3] and log.count("| probe age_r2 ") == 2
+    assert Image.open(out / "loss.png").size[1] == 3 * 300  # losses, probe, collapse check
     assert (sorted(p.name for p in out.glob("checkpoint_*.pt"))
             == ["checkpoint_0000002.pt", "checkpoint_0000003.pt"])
     assert (out / "loss.png").stat().st_size > 0 and (out / "config.yaml").exists()
@@ -104,6 +113,18 @@ def test_a_short_run_end_to_end(phantom_set, tmp_path):
     teacher = weights.load_backbone(sorted(out.glob("checkpoint_*.pt"))[-1])
     x = torch.randn(2, 1, 56, 56)
     torch.testing.assert_close(exported(x), teacher(x), atol=2e-5, rtol=1e-5)
+    # It is the teacher that was probed, and the thumbnail's score is the control's.
+    probe_set = backbones.ProbeSet(phantom_set / "labels.csv", "age", 56, 600)
+    assert records[-1]["probe_age_r2"] == pytest.approx(
+        probe_set.score(exported.forward_features), abs=1e-4)
+    rows = data.read_table(phantom_set)
+    images = torch.stack([data.preprocess(data.load_image(row["image"]), 56) for row in rows])
+    thumbnails = images.reshape(48, 1, 14, 4, 14, 4).mean((3, 5)).reshape(48, 196).numpy()
+    split = np.array([row["split"] for row in rows])
+    age = np.array([float(row["age"]) for row in rows])
+    prediction = probes.ridge_probe(thumbnails, age, split)["test_pred"]
+    assert records[0]["probe_age_r2_pixels"] == pytest.approx(
+        probes.r_squared(age[split == "test"], prediction), abs=1e-4)
     assert "python eval.py --backbone" in log
     # Starting over beside these checkpoints would mix two runs; so would resuming a run
     # that is already past train.steps.
