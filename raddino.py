@@ -396,11 +396,12 @@ class DINOHead(nn.Module):
 # ===== Teacher targets: Sinkhorn-Knopp or centring =====
 
 
-def all_reduce(x):
-    """Sum over ranks in place. Without a process group it does nothing, so every function
-    below works unchanged in one process (DINOv2's iBOT Sinkhorn-Knopp crashes there)."""
+def all_reduce(x, op="sum"):
+    """Sum (or max) over ranks in place. Without a process group it does nothing, so every
+    function below works unchanged in one process (DINOv2's iBOT Sinkhorn-Knopp crashes
+    there)."""
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(x)
+        dist.all_reduce(x, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return x
 
 
@@ -411,7 +412,11 @@ def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3):
     (B, K) logits -> (B, K) distributions that use every prototype equally over the *global*
     batch. In Q (K x B), row sums (prototypes) are reduced across ranks; column sums
     (samples) stay local; B is the global number of samples. Always fp32."""
-    Q = torch.exp(teacher_logits.float() / teacher_temp).t()  # (B, K) -> (K, B)
+    logits = teacher_logits.float()
+    # exp overflows fp32 past 88.7: a cosine of 0.9 at T = 0.01 is inf, and inf / inf NaN.
+    # Q is divided by its total next, so subtracting one number from every logit changes
+    # nothing but the range; it must be the same on every rank: the global maximum.
+    Q = torch.exp((logits - all_reduce(logits.max(), op="max")) / teacher_temp).t()  # (K, B)
     K = Q.shape[0]
     B = all_reduce(torch.tensor(float(Q.shape[1]), device=Q.device))
     Q /= all_reduce(Q.sum())
@@ -593,6 +598,16 @@ class StudentTeacher(nn.Module):
         logits = network.dino_head(torch.cat([cls_tokens, patch_tokens]))
         return logits[:len(cls_tokens)], logits[len(cls_tokens):]
 
+    def teacher_heads(self, cls_tokens, patch_tokens):
+        """The teacher's logits in fp32 under any autocast. At T_t = 0.01 a target is
+        softmax(logit / 0.01): bf16's rounding of a logit (8 bits, ~0.004 on a cosine near 1)
+        moves the targets by ~1% and, among similar images, can change the top prototype.
+        The cost: at RAD-DINO's scale (ViT-B, 40 x 518 px, ~16k masked tokens, 65,536
+        prototypes) the teacher's heads are ~0.8 TFLOP of a ~90 TFLOP step, run in TF32
+        instead of bf16 on a GPU (train.py allows TF32 under precision=bf16)."""
+        with torch.autocast(cls_tokens.device.type, enabled=False):
+            return self.heads(self.teacher, cls_tokens.float(), patch_tokens.float())
+
     def targets(self, teacher_logits, center, teacher_temp):
         if self.centering == "sinkhorn_knopp":
             return sinkhorn_knopp(teacher_logits, teacher_temp)
@@ -618,7 +633,7 @@ class StudentTeacher(nn.Module):
             # Swapped, so that the student's view A is matched to the teacher's view B.
             teacher_cls = torch.cat([second_view, first_view])
             teacher_patch = teacher_out["patch"].flatten(0, 1)[masked]  # (2B, N, D) -> (M, D)
-            cls_logits, patch_logits = self.heads(self.teacher, teacher_cls, teacher_patch)
+            cls_logits, patch_logits = self.teacher_heads(teacher_cls, teacher_patch)
             dino_targets = self.targets(cls_logits, self.dino_center, teacher_temp)  # (2B, K)
             ibot_targets = self.targets(patch_logits, self.ibot_center, teacher_temp)  # (M, K)
 

@@ -60,6 +60,36 @@ def test_bf16_step_stays_close_to_fp32_and_keeps_its_fp32_parts():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+def test_teacher_targets_are_fp32_under_bf16_autocast():
+    """At the short run's T_t = 0.01, bf16 logits would move the targets by ~1%; the
+    teacher's heads run in fp32 whatever the autocast, so its targets are the fp32 ones."""
+    torch.manual_seed(0)
+    backbone = raddino.ViT(img_size=56, patch_size=14, in_chans=1, embed_dim=32, depth=1,
+                           num_heads=2)
+    # A head wide enough for rounding to show: 1,024 prototypes on a 64-d bottleneck
+    step = raddino.StudentTeacher(backbone, out_dim=1024, hidden_dim=64, bottleneck_dim=64)
+    cls = torch.randn(8, 32)
+    patch = torch.randn(12, 32)
+    with torch.no_grad():
+        fp32 = step.heads(step.teacher, cls, patch)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            kept = step.teacher_heads(cls, patch)
+            rounded = step.heads(step.teacher, cls, patch)
+    for exact, ours, bf16 in zip(fp32, kept, rounded):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, exact)
+        targets = torch.softmax(exact / 0.01, dim=1)
+        moved = 0.5 * (torch.softmax(bf16.float() / 0.01, dim=1) - targets).abs().sum(1)
+        assert moved.mean() > 5e-3  # what bf16 does (~1%): the test can tell
+    # And a bf16 training step takes its targets from them.
+    dtypes = []
+    step.teacher.dino_head.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    global_crops, local_crops, masks = make_batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        step(global_crops, local_crops, masks, teacher_temp=0.01)
+    assert dtypes == [torch.float32]
+
+
 def test_koleo_only_with_the_dino_loss():
     step = make_step()
     step.dino_weight = 0.0
