@@ -153,6 +153,17 @@ def linear_blocks(model):
     return list(range(max(0, depth - 4), depth))
 
 
+def npy_for_rows(path, shape, dtype):
+    """A .npy file open for writing its rows in order: the header, then the caller's bytes.
+    Not a writable memory map, whose written pages stay resident (96 KiB a row for a ViT-Ti's
+    tokens at 224 px) until the map is closed. Read back with np.load(mmap_mode="r")."""
+    file = open(path, "wb")
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(shape)}
+    np.lib.format.write_array_header_2_0(file, header)
+    return file
+
+
 @torch.inference_mode()
 def extract_features(model, rows, size, patch_rows=(), seg_blocks=None, patch_file=None,
                      batch_size=32, workers=0, device="cpu", name=""):
@@ -162,7 +173,7 @@ def extract_features(model, rows, size, patch_rows=(), seg_blocks=None, patch_fi
 
     Patch tokens, (N, D) per image (D x len(seg_blocks) with seg_blocks: those blocks'
     tokens side by side), go only to `patch_file` for the rows in patch_rows (ascending), in
-    that order: a float16 .npy memory map written as the batches come, since at 518 px a
+    that order: a float16 .npy written as the batches come, since at 518 px a
     ViT-B/14 makes 2 MB of them per image. Memory thus grows with n x D (the pooled
     features), never with the patch tokens."""
     device = torch.device(device)
@@ -175,7 +186,7 @@ def extract_features(model, rows, size, patch_rows=(), seg_blocks=None, patch_fi
     n = len(rows)
     if list(patch_rows) != sorted(set(patch_rows)):
         raise ValueError("patch_rows must be ascending table rows, each once")
-    slot = {row: k for k, row in enumerate(patch_rows)}  # table row -> row of patch_file
+    wanted_rows = set(patch_rows)
     features = {}
     patch = None
     loader = torch.utils.data.DataLoader(
@@ -204,15 +215,14 @@ def extract_features(model, rows, size, patch_rows=(), seg_blocks=None, patch_fi
             if part not in features:  # sized by the first batch: the thumbnail has its own D
                 features[part] = np.zeros((n, value.shape[1]), np.float32)
             features[part][first:first + count] = value.float().cpu().numpy()
-        wanted = [i for i in range(count) if first + i in slot]
+        wanted = [i for i in range(count) if first + i in wanted_rows]
         if wanted:
             # len(seg_blocks) x (B, N, D) -> (B, N, D x len(seg_blocks))
             tokens = torch.cat([layers[position[b]][0] for b in seg_blocks], dim=2)
             if patch is None:
-                shape = (len(patch_rows), *tokens.shape[1:])
-                patch = np.lib.format.open_memmap(patch_file, "w+", np.float16, shape)
-            at = slot[first + wanted[0]]  # wanted rows are consecutive rows of patch_file
-            patch[at:at + len(wanted)] = tokens[wanted].half().cpu().numpy()
+                patch = npy_for_rows(patch_file, (len(patch_rows), *tokens.shape[1:]),
+                                     np.float16)
+            patch.write(tokens[wanted].half().cpu().numpy().tobytes())  # the next rows, in order
         first += count
         now = time.time()
         if now - last_print > 10 or first == n:  # a line every 10 s: logs stay short
@@ -222,8 +232,7 @@ def extract_features(model, rows, size, patch_rows=(), seg_blocks=None, patch_fi
             print(f"  {name}: {first}/{n} images, {speed:.1f} images/s, ETA {eta:.0f} s, "
                   f"{memory_line(device)}", flush=True)
     if patch is not None:
-        patch.flush()
-        del patch  # unmapped: its pages go back to the file
+        patch.close()
     features = {k: torch.from_numpy(v) for k, v in features.items()}
     features["patch_rows"] = torch.tensor(list(patch_rows), dtype=torch.long)
     features["images_per_second"] = torch.tensor(n / (time.time() - start))
@@ -280,11 +289,10 @@ def mask_file(rows, patch_rows, size, out_dir):
     file = Path(out_dir) / f"masks-{key}.npy"
     if not file.exists():
         tmp = Path(out_dir) / f"masks-{key}.tmp.npy"
-        masks = np.lib.format.open_memmap(tmp, "w+", bool, (len(patch_rows), size, size))
-        for k, i in enumerate(patch_rows):
-            masks[k] = data.preprocess(data.load_image(rows[i]["mask"]), size, mask=True)
-        masks.flush()
-        del masks
+        with npy_for_rows(tmp, (len(patch_rows), size, size), bool) as masks:
+            for i in patch_rows:
+                mask = data.preprocess(data.load_image(rows[i]["mask"]), size, mask=True)
+                masks.write(np.ascontiguousarray(mask).tobytes())
         tmp.replace(file)
     return np.load(file, mmap_mode="r")
 

@@ -319,7 +319,6 @@ def save_checkpoint(step):
 # for classes), beside the same probe on the image's 14 x 14 thumbnail (backbones.Pixels),
 # the control that a pretrained encoder has to beat.
 probe_set = None
-probe_key = None
 probe_table = config["eval.data"]
 if not probe_table and config["data.root"] == "data/synthetic":
     probe_table = "data/synthetic/labels.csv"  # the phantoms' own labels and test split
@@ -336,11 +335,19 @@ if master and config["eval.every"] and probe_table:
     LOSS_PANELS.insert(1, {probe_key: 1.0, f"{probe_key}_pixels": 1.0})
 
 
-def probe_teacher():
-    """The teacher's probe score now, and the thumbnail's beside it, for the log record."""
+def probe_teacher(step):
+    """The teacher's probe score at `step`, the thumbnail's beside it, and the seconds it took
+    (the probe's share of the run): a log line and a record of their own."""
+    start = time.time()
     with torch.no_grad(), autocast:
         value = probe_set.score(model.teacher.backbone.forward_features, device)
-    return {probe_key: value, f"{probe_key}_pixels": pixels}
+    record = {"step": step, probe_key: value, f"{probe_key}_pixels": pixels,
+              "probe_seconds": time.time() - start}
+    history.append(record)
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+    log(f"probe at step {step}: {probe_set.name} {value:.3f} (thumbnail {pixels:.3f}; "
+        f"{record['probe_seconds']:.1f} s)")
 
 
 # ===== loop =====
@@ -350,11 +357,7 @@ log(f"training steps {start_step} -> {total_steps}: global batch {global_batch} 
     f"one epoch = {epoch_length} steps")
 metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
 if probe_set and start_step == 0:
-    # Step 0: the network before any training, random init or init.backbone's weights.
-    record = {"step": 0, **probe_teacher()}
-    history.append(record)
-    metrics_file.write(json.dumps(record) + "\n")
-    log(f"probe at step 0: {probe_set.name} {record[probe_key]:.3f}")
+    probe_teacher(0)  # the network before any training: random init or init.backbone's
 warned = False
 window_start = time.time()
 window_losses = torch.zeros(len(TERMS), device=device)  # summed over the steps since the last log
@@ -382,8 +385,6 @@ def log_step(step, diagnostics, scheduled):
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     record = {"step": step, **terms, **scheduled, **collapse, "images_per_s": speed,
               "peak_mem_gib": memory, "skipped_files": sum(n for _, n in skipped_so_far)}
-    if probe_set and (step % config["eval.every"] == 0 or step == total_steps):
-        record.update(probe_teacher())
     history.append(record)
     line = (f"step {step}/{total_steps} | loss {terms['loss']:.4f} "
             f"(dino local {terms['dino_local']:.3f} global {terms['dino_global']:.3f} "
@@ -394,8 +395,6 @@ def log_step(step, diagnostics, scheduled):
             f"| H(t) {collapse['teacher_entropy']:.2f} "
             f"H(mean t) {collapse['teacher_batch_entropy']:.2f} "
             f"cls spread {collapse['cls_spread']:.2f}")
-    if probe_key in record:
-        line += f" | probe {probe_set.name} {record[probe_key]:.3f} (thumbnail {pixels:.3f})"
     per_source = ", ".join(f"{n} in {name}" for name, n in skipped_so_far if n)
     if per_source:
         line += f" | skipped files: {per_source}"
@@ -463,6 +462,8 @@ while step < total_steps:
     skipped = [total + new for total, new in zip(skipped, batch["skipped"])]
     if step % config["train.log_every"] == 0 or step == total_steps:
         log_step(step, diagnostics, scheduled)
+    if probe_set and (step % config["eval.every"] == 0 or step == total_steps):
+        probe_teacher(step)
     if step % config["train.save_every"] == 0 or step == total_steps:
         save_checkpoint(step)
 
