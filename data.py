@@ -238,7 +238,7 @@ def image_paths(root, split=None):
 # px, 32-100% of the image) and 8 local ones (98 px, 5-32%), each resized once from the
 # source, flipped, jittered, blurred, and (global 2 only) solarized. Saturation, hue and
 # random grayscale are gone: on a gray image they do nothing, at the price of 3 channels.
-# Speed (README, "Benchmarks": bench.py augment against torchvision's pipeline) comes from
+# Speed (docs/results.md, "Benchmarks": bench.py augment against torchvision's pipeline) comes from
 # that one channel and two plain choices. Crop-then-resize is one torch call on the uint8
 # box (its antialiased bicubic is Pillow's, which torchvision uses on PIL images, but for
 # rounding: test_crop_is_a_bicubic_resize_of_the_box bounds it). Jitter, solarize and the

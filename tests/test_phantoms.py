@@ -58,7 +58,7 @@ def test_sex_and_age_change_the_same_chest_in_places():
     cue a probe at 112 px can see) and leaves most nearly alone (it is not global). The
     exposure is the person's too: the image's mean and std stay put (without the gain and
     offset that set them, a woman's or an older chest is ~0.4-1.5 grey levels darker)."""
-    size = 112  # eval.py's probe size in the README's runs
+    size = 112  # eval.py's probe size in docs/results.md's phantom table
     for key in range(4):
         young_man, _ = phantoms.draw_phantom(size, "M", 25, "none", key=(key,))
         for sex, age in (("F", 25), ("M", 85), ("F", 85)):
