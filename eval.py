@@ -166,7 +166,7 @@ def seg_probe(features, rows, splits, size, png, masks):
     for split in splits:
         train = np.array([k for k, i in enumerate(mask_rows) if split[i] == "train"], int)
         test = np.array([k for k, i in enumerate(mask_rows) if split[i] == "test"], int)
-        if len(train) < 2 or not len(test):  # BatchNorm cannot train on one image
+        if len(train) < 2 or not len(test):  # one image is no statistics of tokens
             raise ValueError(f"seg needs masks on 2+ train rows and 1+ test rows; "
                              f"found {len(train)} and {len(test)}")
         head = probes.train_seg_head(features["patch"], masks, patch_index[train],

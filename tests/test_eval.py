@@ -205,6 +205,51 @@ def test_seg_head_learns_a_mask_from_features_that_carry_it():
     assert probes.dice_iou(pred, true[16:].numpy())[0].mean() > 0.9
 
 
+def test_seg_head_is_judged_at_its_dice_best_cut_on_correlated_weak_tokens():
+    """A raw-pixel-like control: a mask covering a fifth of the image, carried weakly by one
+    direction of tokens whose channels are strongly correlated. Cut at p = 1/2 (a logit of 0),
+    such a read-out draws a sliver of the mask; at the cut that is best for Dice on the train
+    images, with the tokens whitened so that Adam converges, it draws the mask."""
+    rng = np.random.default_rng(0)
+    masks = np.zeros((48, 8, 8), bool)
+    for mask in masks:
+        top, left = rng.integers(0, 5, 2)
+        mask[top:top + 3, left:left + 4] = True  # 12 of 64 patches
+    signal = masks + rng.normal(0, 0.8, masks.shape)  # weak: p rarely reaches 1/2
+    shared = rng.normal(0, 1.0, masks.shape)  # a large direction every channel carries alike
+    # The signal is a small difference between channels: reading it takes weights in the
+    # tens, which 300 Adam steps of at most lr 3e-2 cannot reach unless the tokens are whitened.
+    features = (shared[..., None] * np.ones(6) + 0.02 * signal[..., None] * np.tile([1, -1], 3)
+                + rng.normal(0, 0.002, (*masks.shape, 6)))
+    patch = torch.tensor(features, dtype=torch.float32).flatten(1, 2)  # (B, N = 64, C = 6)
+    true = torch.from_numpy(masks).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    head = probes.train_seg_head(patch[:32], true[:32], steps=300)
+    pred = np.concatenate(list(probes.predict_masks(head, patch, list(range(32, 48)))))
+    dice = probes.dice_iou(pred, true[32:].numpy())[0].mean()
+    assert pred.mean() > 0.6 * true[32:].float().mean().item()  # not a sliver
+    assert dice > 0.55
+
+
+def test_seg_head_reads_what_the_tokens_hold_however_their_channels_are_mixed():
+    """The probe is convex, so a converged head depends on what the tokens hold, not on how
+    their channels are mixed. Adam alone stops short on mixed, ill-conditioned channels
+    (probabilities 0.09 apart here); on whitened tokens both heads reach the optimum."""
+    rng = np.random.default_rng(0)
+    masks = rng.random((24, 8, 8)) < 0.3
+    features = rng.normal(0, 1.0, (24, 8, 8, 6))
+    features[..., 0] += masks
+    patch = torch.tensor(features, dtype=torch.float32).flatten(1, 2)  # (B, 64, 6)
+    true = torch.from_numpy(masks).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    # every channel a mixture of all six; condition number ~180
+    mixing = torch.tensor(rng.normal(size=(6, 6)), dtype=torch.float32) + 3
+    plain = probes.train_seg_head(patch[:16], true[:16])
+    mixed = probes.train_seg_head(patch[:16] @ mixing, true[:16])
+    with torch.no_grad():
+        p_plain = torch.sigmoid(plain(probes.tokens_to_grid(patch[16:]))[:, 0])
+        p_mixed = torch.sigmoid(mixed(probes.tokens_to_grid(patch[16:] @ mixing))[:, 0])
+    assert (p_plain - p_mixed).abs().max() < 0.03
+
+
 def test_the_segmentation_probe_converges_whatever_its_seed():
     # Noisy tokens: no head is perfect, so where the last steps leave it shows in its output.
     # With the lr decayed to 0, two seeds (other batches) end at the same head; at a constant
