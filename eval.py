@@ -152,7 +152,7 @@ def classify(probe, x, label, splits, table, column):
     return results, binary
 
 
-def seg_probe(features, rows, splits, size, png, masks):
+def seg_probe(features, rows, splits, size, png, masks, steps=2000):
     """Train the head on the train rows with a mask, per split column; per-image Dice and IoU
     on the test rows with a mask, pooled; a picture of four of them. masks: mask_file's
     array, row k for the table row features["patch_rows"][k]."""
@@ -170,7 +170,7 @@ def seg_probe(features, rows, splits, size, png, masks):
             raise ValueError(f"seg needs masks on 2+ train rows and 1+ test rows; "
                              f"found {len(train)} and {len(test)}")
         head = probes.train_seg_head(features["patch"], masks, patch_index[train],
-                                     mask_index[train])
+                                     mask_index[train], steps=steps)
         predicted = np.concatenate(list(probes.predict_masks(head, features["patch"],
                                                              patch_index[test])))
         true = np.asarray(masks[mask_index[test]])
@@ -226,7 +226,7 @@ def run_tasks(spec, model, features, rows, splits, table, args, labels, masks):
             results["age"] = {**result, **fitted}
         elif task == "seg":
             results["seg"] = seg_probe(features, rows, splits, args.size, f"{stem}-seg.png",
-                                       masks)
+                                       masks, args.seg_steps)
         elif task == "pca":
             model = model.to(args.device)
             results[task] = pictures.pca_picture(model, picture_rows, args.size,
@@ -310,6 +310,9 @@ def parse_args(argv):
                         help="K >= 3: cross-validate over K folds of patients (the 'patient' "
                              "column) instead of the split column; metrics on the pooled "
                              "out-of-fold predictions")
+    parser.add_argument("--seg-steps", type=int, default=2000,
+                        help="Adam steps of the segmentation head (fewer: a quick look, not a "
+                             "converged probe)")
     parser.add_argument("--patch-grid", action="store_true",
                         help="embed: also write every row's patch tokens (n x N x D)")
     parser.add_argument("--size", type=int,
@@ -435,7 +438,8 @@ def main(argv=None):
     print_table(results)
     resolved = {"data": str(args.data), "backbones": args.backbone, "size": args.size,
                 "tasks": args.task, "labels": args.label, "features": args.features,
-                "folds": args.folds, "seg_blocks": args.seg_blocks, "device": args.device}
+                "folds": args.folds, "seg_blocks": args.seg_blocks, "seg_steps": args.seg_steps,
+                "device": args.device}
     report = {"command": command, "resolved": resolved, "synthetic": synthetic,
               "size": args.size, "backbone_img_size": sizes, "backbones": args.backbone,
               "images_per_second": {spec: float(features[spec]["images_per_second"])

@@ -669,7 +669,7 @@ def test_a_run_killed_between_the_feature_files_leaves_a_consistent_cache(phanto
                           lambda row: {**row, "mask": "" if row["image"][-5] in "13579"
                                        else row["mask"]})
     argv = ["--backbone", "random:vit_tiny", "--data", str(half_masked), "--size", "56",
-            "--workers", "0", "--out", str(tmp_path / "r.json")]
+            "--workers", "0", "--seg-steps", "50", "--out", str(tmp_path / "r.json")]
     first = ev.main(argv + ["--task", "seg"])["results"]["random:vit_tiny"]["seg"]
 
     def killed(*args, **kwargs):
@@ -691,7 +691,7 @@ def test_an_edited_mask_is_read_again(phantom_set, tmp_path):
                     lambda row: {**row, "mask": str(edited) if row["image"].endswith(
                         Path(rows[0]["image"]).name) else row["mask"]})
     argv = ["--backbone", "pixels", "--data", str(table), "--size", "56", "--workers", "0",
-            "--task", "seg", "--out", str(tmp_path / "r.json")]
+            "--task", "seg", "--seg-steps", "50", "--out", str(tmp_path / "r.json")]
     ev.main(argv)
     Image.fromarray(255 - np.asarray(Image.open(edited))).save(edited)  # the table is untouched
     ev.main(argv)
