@@ -480,8 +480,8 @@ if master:
     (export_dir / "training_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     log(f"exported the teacher backbone to {export_dir} (transformers' Dinov2Model, with its "
         f"image processor and model card)")
-    log(f"evaluate it: python eval.py --backbone {export_dir} "
-        f"--backbone random:{export_dir}")
+    log(f"evaluate it against both controls: python eval.py --backbone {export_dir} "
+        f"--backbone random:{export_dir} --backbone pixels")
 if distributed:
     # Every rank waits for rank 0's export: a rank that tears its gloo group down while
     # rank 0 is still connected can abort ("terminate called without an active exception").
