@@ -728,3 +728,26 @@ def test_writing_the_patch_tokens_keeps_none_of_them_in_memory(tmp_path):
                                patch_file=tmp_path / "patch.npy", batch_size=16)
     written = (tmp_path / "patch.npy").stat().st_size / 1024
     assert max(seen + [file_backed_kib()]) - before < 0.25 * written
+
+
+def test_the_learning_signal_reads_classes_by_knn_and_numbers_by_ridge(phantom_set):
+    """train.py's probe set: a class column is scored by k-NN AUROC, a number by ridge R^2,
+    each the probe of probes.py on the CLS features of the table's first rows."""
+    rows = data.read_table(phantom_set)
+    thumbnails = pictures.load_batch(rows, 56).reshape(40, 1, 14, 4, 14, 4).mean((3, 5))
+    thumbnails = thumbnails.reshape(40, 196).numpy()
+    split = np.array([row["split"] for row in rows])
+    test = split == "test"
+    finding = backbones.ProbeSet(phantom_set / "labels.csv", "finding", 56, 600)
+    classes = sorted({row["finding"] for row in rows})
+    y = np.array([classes.index(row["finding"]) for row in rows])
+    prob = probes.knn_probe(thumbnails, y, split)["test_prob"]
+    assert finding.name == "finding_auroc"
+    assert finding.score(backbones.Pixels().forward_features) == pytest.approx(
+        probes.CLASSIFICATION["auroc"](y[test], prob), abs=1e-6)
+    age = backbones.ProbeSet(phantom_set / "labels.csv", "age", 56, 600)
+    target = np.array([float(row["age"]) for row in rows])
+    prediction = probes.ridge_probe(thumbnails, target, split)["test_pred"]
+    assert age.name == "age_r2"
+    assert age.score(backbones.Pixels().forward_features) == pytest.approx(
+        probes.r_squared(target[test], prediction), abs=1e-4)
