@@ -186,8 +186,7 @@ def measure_train_step(arch="vit_base", batch=64, global_size=224, local_size=98
     if compile is None:
         compile = cuda
     torch.manual_seed(0)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    raddino.allow_tf32(True)
     # From scratch, train.py builds the position grid at the global crop size.
     backbone = raddino.build_vit(arch, img_size=global_size, in_chans=1, drop_path_rate=0.1)
     backbone.grad_checkpointing = grad_checkpointing
@@ -205,12 +204,15 @@ def measure_train_step(arch="vit_base", batch=64, global_size=224, local_size=98
     ratios = np.linspace(0.1, 0.5, batch + 1)[:-1]  # half the global crops masked, stratified
     masks = [generator(int(grid * grid * r), rng) for r in ratios]
     masks += [np.zeros((grid, grid), bool)] * batch
-    masks = torch.from_numpy(np.stack(masks).reshape(2 * batch, -1)).to(torch_device)
+    masks = torch.from_numpy(np.stack(masks).reshape(2 * batch, -1))
+    # found on the CPU, as data.collate does: no host sync in the step
+    masked = [t.to(torch_device) for t in raddino.masked_tokens(masks)]
+    masks = masks.to(torch_device)
     autocast = torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=cuda)
 
     def step():
         with autocast:
-            losses, _ = model(global_crops, local_crops, masks, teacher_temp=0.07)
+            losses, _ = model(global_crops, local_crops, masks, 0.07, masked)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         for network in model.student.values():

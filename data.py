@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+import raddino
+
 # Intensity statistics of MIMIC-CXR, from the microsoft/rad-dino image processor, for x in
 # [0, 1]. The processor repeats them on 3 channels; we keep the one a radiograph has.
 MEAN = 0.5307
@@ -412,7 +414,8 @@ def collate(samples, mask_generator, rng, mask_ratio=(0.1, 0.5), mask_prob=0.5, 
     "global" (2B, 1, G, G) and "local" (nB, 1, L, L) are crop-major: every sample's first
     crop, then every second crop... "masks" (2B, N) bool: int(mask_prob x global crops)
     crops get a block mask, their target ratios stratified over linspace(*mask_ratio); the
-    rest get none; the masks are shuffled over the crops.
+    rest get none; the masks are shuffled over the crops. "mask_indices" and "mask_weights"
+    (M,): raddino.masked_tokens(masks).
 
     The DDP twist: DINOv2 draws masks per rank, so a crop's mask depends on how the batch
     was split. Here `rng` must be the same on every rank, the draw is for the global batch
@@ -440,8 +443,12 @@ def collate(samples, mask_generator, rng, mask_ratio=(0.1, 0.5), mask_prob=0.5, 
         local_crops = torch.stack([s["local"][c] for c in range(n_local) for s in samples])
     else:  # no local crops: an empty batch of them, which StudentTeacher accepts
         local_crops = global_crops.new_empty((0, *global_crops.shape[1:]))
-    masks = np.stack(masks).reshape(len(masks), -1)  # (2B, h, w) -> (2B, N)
-    return {"global": global_crops, "local": local_crops, "masks": torch.from_numpy(masks)}
+    masks = torch.from_numpy(np.stack(masks).reshape(len(masks), -1))  # (2B, h, w) -> (2B, N)
+    # The masked patches' positions and iBOT weights, found here on the CPU: on a GPU the
+    # step would have to wait for them (raddino.masked_tokens).
+    mask_indices, mask_weights = raddino.masked_tokens(masks)
+    return {"global": global_crops, "local": local_crops, "masks": masks,
+            "mask_indices": mask_indices, "mask_weights": mask_weights}
 
 # ===== the batches of pretraining, and the loader over them =====
 

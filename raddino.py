@@ -416,16 +416,20 @@ def sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=3):
     # exp overflows fp32 past 88.7: a cosine of 0.9 at T = 0.01 is inf, and inf / inf NaN.
     # Q is divided by its total next, so subtracting one number from every logit changes
     # nothing but the range; it must be the same on every rank: the global maximum.
-    Q = torch.exp((logits - all_reduce(logits.max(), op="max")) / teacher_temp).t()  # (K, B)
+    # One full-size buffer, worked on in place: at RAD-DINO's scale an (M, K) copy of the
+    # masked tokens' logits is 4 GiB.
+    Q = logits.sub(all_reduce(logits.max(), op="max")).div_(teacher_temp).exp_().t()  # (K, B)
     K = Q.shape[0]
-    B = all_reduce(torch.tensor(float(Q.shape[1]), device=Q.device))
+    # The global batch, summed on the device: new_full fills on the device, where
+    # torch.tensor(...) would copy from the host and wait for it.
+    B = all_reduce(Q.new_full((), Q.shape[1]))
     Q /= all_reduce(Q.sum())
     for _ in range(n_iterations):
         Q /= all_reduce(Q.sum(dim=1, keepdim=True))  # each prototype's total mass -> 1 ...
         Q /= K  # ... -> 1/K
         Q /= Q.sum(dim=0, keepdim=True)  # each sample's total mass -> 1 ...
         Q /= B  # ... -> 1/B
-    return (Q * B).t()  # each sample's row sums to 1: (B, K)
+    return Q.mul_(B).t()  # each sample's row sums to 1: (B, K)
 
 
 def sinkhorn_knopp_reference(teacher_logits, teacher_temp, n_iterations=3):
@@ -454,18 +458,23 @@ class Center(nn.Module):
 
     @torch.no_grad()
     def softmax(self, teacher_logits, teacher_temp):
-        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+        # softmax((t - c) / T) in one full-size buffer, worked on in place
+        probs = teacher_logits.float().sub(self.center).div_(teacher_temp)
+        probs.sub_(probs.amax(dim=-1, keepdim=True)).exp_()
+        return probs.div_(probs.sum(dim=-1, keepdim=True))
 
     @torch.no_grad()
     def update(self, teacher_logits):
         # The sum and the count travel together, so the mean is over all rows of all ranks
         # even when ranks hold different numbers of rows (as they do with masked patches).
-        count = torch.tensor([len(teacher_logits)], dtype=torch.float, device=teacher_logits.device)
-        stats = torch.cat([teacher_logits.float().sum(dim=0), count])
-        stats = all_reduce(stats)
-        if stats[-1] > 0:
-            batch_mean = stats[:-1] / stats[-1]
-            self.center.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)
+        sums = teacher_logits.float().sum(dim=0)
+        stats = all_reduce(torch.cat([sums, sums.new_full((1,), len(teacher_logits))]))
+        batch_mean = stats[:-1] / stats[-1].clamp(min=1)
+        # No rows on any rank (a step without masks) leaves the centre as it was. Decided on
+        # the device: `if stats[-1] > 0` would make the host wait for the GPU every step.
+        has_rows = stats[-1] > 0
+        self.center.mul_(torch.where(has_rows, self.momentum, 1.0))
+        self.center.add_(batch_mean * torch.where(has_rows, 1 - self.momentum, 0.0))
 
 
 # ===== The losses, each with its slow twin =====
@@ -498,18 +507,30 @@ def dino_loss_reference(student_logits, teacher_probs, student_temp=0.1):
     return total
 
 
-def ibot_loss(student_masked_logits, teacher_masked_probs, masks, student_temp=0.1):
+def masked_tokens(masks):
+    """(2B, N) bool masks of the global crops -> (indices, weights), what the step needs of
+    them: the (M,) positions of the masked patches among the 2B * N, in flatten order, and
+    each one's iBOT weight, 1 / (masked patches in its crop). Finding them is a host sync on
+    a GPU (nonzero), so data.collate computes them on the loader's CPU, as DINOv2's
+    collate_data_and_cast does."""
+    indices = masks.flatten().nonzero().squeeze(1)  # (M,)
+    per_crop = 1.0 / masks.sum(dim=1).clamp(min=1)  # (2B,)
+    weights = per_crop.repeat_interleave(masks.shape[1])[indices]  # (M,)
+    return indices, weights
+
+
+def ibot_loss(student_masked_logits, teacher_masked_probs, mask_weights, n_global_crops,
+              student_temp=0.1):
     """iBOT's masked-patch loss (iBOT, eq. 1; DINOv2's weighting).
 
-    masks: (2B, N) bool for the global crops. The (M, K) logits and probabilities are the
-    masked tokens in masks.flatten().nonzero() order. Each token weighs 1 / (masked tokens
-    in its image), so each masked image counts once whatever its mask size; the sum is
-    divided by all 2B crops, masked or not."""
-    per_image = 1.0 / masks.sum(dim=1).clamp(min=1)  # (2B,)
-    token_weight = per_image.unsqueeze(1).expand_as(masks)[masks]  # (M,), flatten-nonzero order
-    log_p = F.log_softmax(student_masked_logits.float() / student_temp, dim=-1)
-    cross_entropy = -(teacher_masked_probs * log_p).sum(dim=-1)  # (M,)
-    return (cross_entropy * token_weight).sum() / masks.shape[0]
+    (M, K) logits and probabilities of the masked tokens, mask_weights (M,) from
+    masked_tokens(): each token weighs 1 / (masked tokens in its crop), so each masked crop
+    counts once whatever its mask size; the sum is divided by all 2B crops, masked or not."""
+    log_p = F.log_softmax(student_masked_logits.float() / student_temp, dim=-1)  # (M, K)
+    # Per token, sum_k t * log_p as a batched dot product: no third (M, K) buffer, which at
+    # RAD-DINO's scale (~16k masked tokens x 65,536 prototypes) is 4 GiB.
+    cross_entropy = -torch.einsum("mk,mk->m", teacher_masked_probs, log_p)  # (M,)
+    return (cross_entropy * mask_weights).sum() / n_global_crops
 
 
 def ibot_loss_reference(student_masked_logits, teacher_masked_probs, masks, student_temp=0.1):
@@ -588,6 +609,9 @@ class StudentTeacher(nn.Module):
         for block in self.teacher.backbone.blocks:
             block.drop_path_rate = 0.0
         self.teacher.backbone.args["drop_path_rate"] = 0.0
+        # Nor activation checkpointing, which a backbone built with it would hand down:
+        # without gradients there is nothing to save memory for.
+        self.teacher.backbone.grad_checkpointing = False
         self.dino_center = Center(out_dim, center_momentum)
         self.ibot_center = Center(ibot_out_dim, center_momentum)
 
@@ -615,16 +639,20 @@ class StudentTeacher(nn.Module):
         center.update(teacher_logits)
         return probs
 
-    def forward(self, global_crops, local_crops, masks, teacher_temp):
+    def forward(self, global_crops, local_crops, masks, teacher_temp, masked=None):
         """One batch -> (losses, diagnostics).
 
         global_crops: (2B, C, G, G), crop-major (every image's first crop, then every second
         crop); local_crops: (nB, C, L, L), crop-major, n >= 0; masks: (2B, N) bool for the
-        global crops. losses: dino_local, dino_global, koleo, ibot and their weighted sum,
-        loss. diagnostics: the student's CLS tokens and the teacher's DINO targets."""
+        global crops; masked: masked_tokens(masks), which train.py takes from the loader (on
+        a GPU, computing it here would make the host wait). losses: dino_local, dino_global,
+        koleo, ibot and their weighted sum, loss. diagnostics: the student's CLS tokens and
+        the teacher's DINO targets."""
         n_global_images = global_crops.shape[0] // 2
         n_local_crops = local_crops.shape[0] // n_global_images
-        masked = masks.flatten().nonzero().squeeze(1)  # (M,) indices into the 2B * N patches
+        if masked is None:
+            masked = masked_tokens(masks)
+        mask_indices, mask_weights = masked  # (M,) into the 2B * N patches, (M,)
 
         # ----- the teacher: both global crops, unmasked, no gradients -----
         with torch.no_grad():
@@ -632,10 +660,12 @@ class StudentTeacher(nn.Module):
             first_view, second_view = teacher_out["cls"].chunk(2)
             # Swapped, so that the student's view A is matched to the teacher's view B.
             teacher_cls = torch.cat([second_view, first_view])
-            teacher_patch = teacher_out["patch"].flatten(0, 1)[masked]  # (2B, N, D) -> (M, D)
+            # (2B, N, D) -> (M, D)
+            teacher_patch = teacher_out["patch"].flatten(0, 1).index_select(0, mask_indices)
             cls_logits, patch_logits = self.teacher_heads(teacher_cls, teacher_patch)
             dino_targets = self.targets(cls_logits, self.dino_center, teacher_temp)  # (2B, K)
             ibot_targets = self.targets(patch_logits, self.ibot_center, teacher_temp)  # (M, K)
+            del patch_logits  # (M, K): gone before the student's pass needs the memory
 
         # ----- the student: global crops masked, local crops not -----
         student_global = self.student.backbone(global_crops, masks=masks, is_training=True)
@@ -643,7 +673,7 @@ class StudentTeacher(nn.Module):
         if n_local_crops:
             local_cls = self.student.backbone(local_crops, is_training=True)["cls"]
             cls_tokens = torch.cat([local_cls, cls_tokens])
-        student_patch = student_global["patch"].flatten(0, 1)[masked]  # (M, D)
+        student_patch = student_global["patch"].flatten(0, 1).index_select(0, mask_indices)
         cls_logits, patch_logits = self.heads(self.student, cls_tokens, student_patch)
         local_logits = cls_logits[:len(local_crops)]
         global_logits = cls_logits[len(local_crops):]
@@ -661,7 +691,8 @@ class StudentTeacher(nn.Module):
         # Both global crops in one (2B, K) term; its batch mean counts 2 pairs, hence the 2.
         dino_global = dino_loss([global_logits], [dino_targets], self.student_temp)
         losses["dino_global"] = dino_global * 2 / n_terms
-        losses["ibot"] = ibot_loss(patch_logits, ibot_targets, masks, self.student_temp)
+        losses["ibot"] = ibot_loss(patch_logits, ibot_targets, mask_weights, len(masks),
+                                   self.student_temp)
         # KoLeo within each global crop separately (two views of one image are close on
         # purpose), and only with the DINO loss, as in DINOv2.
         if self.dino_weight > 0:
@@ -687,7 +718,15 @@ class StudentTeacher(nn.Module):
         # torchrun ("'float' object has no attribute 'meta'", torch 2.13).
         torch._dynamo.config.specialize_float = True
         for network in (*self.student.values(), *self.teacher.values()):
-            network.compile(**options)
+            if isinstance(network, ViT):
+                # Static shapes: one graph for the global crops and one for the local crops,
+                # each specialised to its size. Left to torch's automatic dynamic shapes, the
+                # second size seen (the local crops) recompiles the backbone with a symbolic
+                # batch, height and width, and every kernel becomes shape-generic.
+                network.compile(dynamic=False, **options)
+            else:
+                # The heads' row count (2B + masked tokens) changes every step: dynamic.
+                network.compile(**options)
 
     @torch.no_grad()
     def update_teacher(self, momentum):
@@ -699,6 +738,19 @@ class StudentTeacher(nn.Module):
 
 
 # ===== What the training loop needs to know =====
+
+
+def allow_tf32(enabled):
+    """TF32 on a GPU for the matmuls and convolutions that stay fp32 (under bf16 autocast:
+    the teacher's heads, the losses). torch >= 2.9 has fp32_precision for it; mixing the
+    legacy allow_tf32 setters with it raises inside inductor, so the new API when there is
+    one."""
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if enabled else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = enabled
+        torch.backends.cudnn.allow_tf32 = enabled
 
 
 def param_groups(student, layer_decay=0.9, patch_embed_lr_mult=0.2):

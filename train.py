@@ -11,6 +11,7 @@ weights.py, the reading and checking of config.yaml in configurator.py, the draw
 loss.png in plot.py, the probe of the learning signal in backbones.py and probes.py.
 """
 
+import datetime
 import gc
 import json
 import math
@@ -65,10 +66,12 @@ if precision == "auto":
 if use_cuda:
     torch.cuda.set_device(device)
     # TF32 for the matmuls that stay in fp32 under bf16 autocast; precision=fp32 means fp32.
-    torch.backends.cuda.matmul.allow_tf32 = precision == "bf16"
-    torch.backends.cudnn.allow_tf32 = precision == "bf16"
+    raddino.allow_tf32(precision == "bf16")
 if distributed:
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    # device_id binds NCCL to this rank's GPU at once. The timeout covers what other ranks
+    # wait for at a collective: rank 0 probing the teacher, or writing a checkpoint.
+    dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                            timeout=datetime.timedelta(minutes=30))
 torch.manual_seed(config["seed"])  # the same initial weights on every rank
 out_dir = Path(config["out_dir"])
 
@@ -250,7 +253,7 @@ if earlier_checkpoints:
         raise SystemExit(f"error: {path} was trained with other values: {', '.join(changed)}; "
                          f"resume with its values, or start over with another out_dir")
     model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    weights.load_optimizer_state(optimizer, state["optimizer"])
     start_step = state["step"]
     history = state["history"]
     earlier_skips = state.get("skipped_files", [])
@@ -379,12 +382,17 @@ def log_step(step, diagnostics, scheduled):
         diagnostics["teacher_probs"], diagnostics["student_cls"])
     speed = window_steps * global_batch / (time.time() - window_start)  # images per second
     eta_minutes = (total_steps - step) * global_batch / speed / 60
+    reserved = None
     if use_cuda:
         memory = torch.cuda.max_memory_allocated(device) / 2**30
+        # What the caching allocator holds: with a masked-token count that changes every
+        # step, fragmentation shows here, not in the allocated peak (docs/training.md).
+        reserved = torch.cuda.max_memory_reserved(device) / 2**30
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     record = {"step": step, **terms, **scheduled, **collapse, "images_per_s": speed,
-              "peak_mem_gib": memory, "skipped_files": sum(n for _, n in skipped_so_far)}
+              "peak_mem_gib": memory, "peak_reserved_gib": reserved,
+              "skipped_files": sum(n for _, n in skipped_so_far)}
     history.append(record)
     line = (f"step {step}/{total_steps} | loss {terms['loss']:.4f} "
             f"(dino local {terms['dino_local']:.3f} global {terms['dino_global']:.3f} "
@@ -392,6 +400,7 @@ def log_step(step, diagnostics, scheduled):
             f"| lr {scheduled['lr']:.2e} wd {scheduled['wd']:.3f} "
             f"mom {scheduled['momentum']:.4f} T_t {scheduled['teacher_temp']:.3f} "
             f"| {speed:.1f} img/s | ETA {eta_minutes:.1f} min | mem {memory:.2f} GiB "
+            f"{f'(reserved {reserved:.2f}) ' if reserved is not None else ''}"
             f"| H(t) {collapse['teacher_entropy']:.2f} "
             f"H(mean t) {collapse['teacher_batch_entropy']:.2f} "
             f"cls spread {collapse['cls_spread']:.2f}")
@@ -413,6 +422,24 @@ def log_step(step, diagnostics, scheduled):
     window_start = time.time()
     window_losses = torch.zeros_like(window_losses)
     window_steps = 0
+
+
+def stop_if_not_finite(step):
+    """Stops the run if a loss since the last check was NaN or inf, before anything is logged,
+    probed or saved: a non-finite step is never written to a checkpoint. Checked only then,
+    not every step: reading a value back makes the host wait for the GPU."""
+    terms = window_losses.clone()
+    if distributed:  # NaN on one rank has reached every rank's weights through DDP
+        dist.all_reduce(terms)
+    if torch.isfinite(terms).all():
+        return
+    first = step - window_steps + 1
+    when = f"at step {step}" if first == step else f"in steps {first}-{step}"
+    bad = ", ".join(f"{k}={v}" for k, v in zip(TERMS, terms.tolist()) if not math.isfinite(v))
+    saved = weights.checkpoint_paths(out_dir)
+    newest = saved[-1] if saved else "none"
+    raise SystemExit(f"error: non-finite loss {when}: {bad}; no checkpoint written after it "
+                     f"(newest: {newest})")
 
 
 batches = data.PretrainBatches(
@@ -437,17 +464,12 @@ while step < total_steps:
     global_crops = batch["global"].to(device, non_blocking=True)
     local_crops = batch["local"].to(device, non_blocking=True)
     masks = batch["masks"].to(device, non_blocking=True)
+    masked = (batch["mask_indices"].to(device, non_blocking=True),
+              batch["mask_weights"].to(device, non_blocking=True))
 
     with autocast:
         losses, diagnostics = train_model(
-            global_crops, local_crops, masks, scheduled["teacher_temp"])
-    # One sync per step: stop before a non-finite loss is applied or saved.
-    if not torch.isfinite(losses["loss"].detach()):
-        bad = ", ".join(f"{k}={float(losses[k])}" for k in TERMS if not torch.isfinite(losses[k]))
-        saved = weights.checkpoint_paths(out_dir)
-        newest = saved[-1] if saved else "none"
-        raise SystemExit(f"error: non-finite loss at step {step}: {bad}; "
-                         f"no checkpoint written after it (newest: {newest})")
+            global_crops, local_crops, masks, scheduled["teacher_temp"], masked)
     optimizer.zero_grad(set_to_none=True)
     losses["loss"].backward()
     if clip_grad > 0:  # 0 means no clipping, as in DINOv2
@@ -460,11 +482,16 @@ while step < total_steps:
     window_losses += torch.stack([losses[k].detach().float() for k in TERMS])
     window_steps += 1
     skipped = [total + new for total, new in zip(skipped, batch["skipped"])]
-    if step % config["train.log_every"] == 0 or step == total_steps:
+    logging = step % config["train.log_every"] == 0 or step == total_steps
+    probing = probe_set is not None and (step % config["eval.every"] == 0 or step == total_steps)
+    saving = step % config["train.save_every"] == 0 or step == total_steps
+    if logging or probing or saving:
+        stop_if_not_finite(step)
+    if logging:
         log_step(step, diagnostics, scheduled)
-    if probe_set and (step % config["eval.every"] == 0 or step == total_steps):
+    if probing:
         probe_teacher(step)
-    if step % config["train.save_every"] == 0 or step == total_steps:
+    if saving:
         save_checkpoint(step)
 
 # ===== export =====

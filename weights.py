@@ -519,6 +519,17 @@ def save_checkpoint(state, folder, keep):
     return path
 
 
+def load_optimizer_state(optimizer, saved):
+    """optimizer.load_state_dict, keeping this run's implementation flags: the saved groups
+    carry them too, so a checkpoint written on a CPU (fused=False) would otherwise turn a
+    GPU run's fused AdamW off for good."""
+    flags = [{key: group[key] for key in ("fused", "foreach", "capturable") if key in group}
+             for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, own in zip(optimizer.param_groups, flags):
+        group.update(own)
+
+
 def read_newest_checkpoint(folder, warn=print):
     """(path, state) of the newest checkpoint in folder that loads. A newer one that does not
     (atomic writes rule out a crash mid-save, not a disk fault or a copy cut short) is passed

@@ -8,15 +8,66 @@ import copy
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import raddino
 import weights
 from test_losses import make_batch, make_step
 
+aten = torch.ops.aten
+# Ops after which a GPU's host waits for the device: a value read back (item, bool, nonzero,
+# a boolean index) or a tensor made from host data (torch.tensor(...) on the device).
+SYNCING = {aten.nonzero.default, aten._local_scalar_dense.default, aten.is_nonzero.default,
+           aten.masked_select.default, aten.item.default, aten.lift_fresh.default}
+
+
+class OpCensus(TorchDispatchMode):
+    """Every aten op under it: the syncing ones, and the peak memory held in buffers of
+    `numel` elements (an (M, K) logits-sized tensor), in units of one fp32 copy."""
+
+    def __init__(self, numel=None):
+        super().__init__()
+        self.numel = numel
+        self.syncs = []
+        self.buffers = {}  # storage address -> (weak reference, element size)
+        self.peak = 0.0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        boolean_index = func is aten.index.Tensor and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        if func in SYNCING or boolean_index:
+            self.syncs.append(str(func))
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.numel() == self.numel and t.is_floating_point():
+                storage = t.untyped_storage()
+                known = self.buffers.get(storage.data_ptr())
+                if known is None or known[0].expired():  # views share their base's storage
+                    self.buffers[storage.data_ptr()] = (StorageWeakRef(storage), t.element_size())
+        # A buffer is alive while anything holds it, autograd's saved tensors included.
+        self.buffers = {k: v for k, v in self.buffers.items() if not v[0].expired()}
+        self.peak = max(self.peak, sum(size for _, size in self.buffers.values()) / 4)
+        return out
+
 
 def graph_calls(graph_module, op):
     return any(node.target is op for node in graph_module.graph.nodes)
+
+
+def symbolic_inputs(graph_module):
+    """The placeholders of a captured graph whose shapes are symbolic (dynamic)."""
+    found = []
+    for node in graph_module.graph.nodes:
+        value = node.meta.get("example_value")
+        if node.op == "placeholder" and isinstance(value, torch.Tensor):
+            if any(isinstance(size, torch.SymInt) for size in value.shape):
+                found.append(node.name)
+        elif node.op == "placeholder" and isinstance(value, torch.SymInt):
+            found.append(node.name)
+    return found
 
 
 def test_compile_networks_compiles_the_backbone_itself():
@@ -35,6 +86,175 @@ def test_compile_networks_compiles_the_backbone_itself():
     attention = F.scaled_dot_product_attention
     assert any(graph_calls(g, attention) for g in graphs), "no compiled graph holds attention"
     assert sum(graph_calls(g, attention) for g in graphs) >= 2  # the student's and the teacher's
+
+
+def test_the_compiled_backbones_have_static_shapes():
+    """One graph for the global crops and one for the local crops, each for its own size:
+    no image input may be symbolic (automatic dynamic shapes would make the local-crop
+    kernels shape-generic). Only the heads see a row count that changes, and after the
+    second step (a new mask count) nothing compiles again."""
+    step = make_step()
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    step.compile_networks(backend=record)
+    counts = []
+    for seed in range(3):
+        global_crops, local_crops, masks = make_batch(seed=seed)
+        masked = raddino.masked_tokens(masks)
+        losses, _ = step(global_crops, local_crops, masks, 0.07, masked)
+        losses["loss"].backward()
+        counts.append((len(graphs), len(masked[0])))
+    assert len({m for _, m in counts}) == 3  # the mask count changed every step
+    assert counts[2][0] == counts[1][0]  # and the third step compiled nothing
+    backbones = [g for g in graphs if graph_calls(g, F.scaled_dot_product_attention)]
+    # the teacher's global crops; the student's masked global crops; its local crops
+    assert len(backbones) == 3
+    assert [symbolic_inputs(g) for g in backbones] == [[], [], []]
+
+
+def test_a_model_step_never_makes_the_host_wait():
+    """Forward, backward and EMA with the masked tokens taken from the loader, as train.py
+    runs them: no op that reads a value back to the host or copies one from it. (Finding
+    the masked tokens on the device would be one: nonzero.)"""
+    for centering in ("centering", "sinkhorn_knopp"):
+        step = make_step(centering)
+        global_crops, local_crops, masks = make_batch()
+        masked = raddino.masked_tokens(masks)
+        census = OpCensus()
+        with census:
+            losses, _ = step(global_crops, local_crops, masks, 0.07, masked)
+            losses["loss"].backward()
+            step.update_teacher(0.99)
+        assert census.syncs == [], centering
+    with OpCensus() as census:
+        step(global_crops, local_crops, masks, 0.07)
+    assert census.syncs == ["aten.nonzero.default"]  # the test can see one
+
+
+def test_a_step_without_masked_tokens_leaves_the_ibot_centre_alone():
+    """The centre's update decides on the device whether any rank had rows; with none it must
+    keep the centre, not divide by zero."""
+    step = make_step()
+    global_crops, local_crops, masks = make_batch()
+    with torch.no_grad():
+        step(global_crops, local_crops, masks, 0.07)
+        before = step.ibot_center.center.clone()
+        step(global_crops, local_crops, torch.zeros_like(masks), 0.07)
+    assert before.abs().sum() > 0
+    assert torch.equal(step.ibot_center.center, before)
+
+
+def test_the_teacher_does_not_checkpoint(monkeypatch):
+    """A backbone built with activation checkpointing hands it to the teacher's deep copy;
+    without gradients it only costs time. Only the student's blocks may checkpoint."""
+    torch.manual_seed(0)
+    backbone = raddino.ViT(img_size=56, patch_size=14, in_chans=1, embed_dim=32, depth=2,
+                           num_heads=2, layerscale_init=0.5)
+    backbone.grad_checkpointing = True
+    step = raddino.StudentTeacher(backbone, out_dim=24, hidden_dim=16, bottleneck_dim=8)
+    calls = []
+    checkpoint = raddino.checkpoint
+
+    def counted(function, *args, **kwargs):
+        calls.append(function)
+        return checkpoint(function, *args, **kwargs)
+
+    monkeypatch.setattr(raddino, "checkpoint", counted)
+    step(*make_batch(), teacher_temp=0.07)
+    assert len(calls) == 2 * 2  # the student's global and local passes, 2 blocks each
+
+
+def test_the_loss_chain_keeps_few_full_size_buffers():
+    """At RAD-DINO's scale one (M, K) buffer (masked tokens x prototypes) is ~4 GiB in fp32.
+    The teacher's targets take one new buffer (worked on in place; 3 before); the student's
+    bf16 step peaks at 3.5 fp32 copies (4 before): its bf16 logits (0.5), the targets, the
+    scaled logits and their log-softmax, with no (M, K) product beside them."""
+    logits = torch.randn(37, 1001)
+    for make_targets in (lambda: raddino.sinkhorn_knopp(logits, 0.05),
+                         lambda: raddino.Center(1001).softmax(logits, 0.05)):
+        with OpCensus(numel=logits.numel()) as census:
+            make_targets()
+        assert census.peak == 1.0  # a buffer of its own; the input is not counted
+    torch.manual_seed(0)
+    backbone = raddino.ViT(img_size=56, patch_size=14, in_chans=1, embed_dim=32, depth=2,
+                           num_heads=2, layerscale_init=0.5)
+    K = 4099  # so that the (M, K) logits have a size nothing else has
+    for centering in ("centering", "sinkhorn_knopp"):
+        step = raddino.StudentTeacher(backbone, out_dim=K, hidden_dim=16, bottleneck_dim=8,
+                                      centering=centering)
+        global_crops, local_crops, masks = make_batch()
+        census = OpCensus(numel=int(masks.sum()) * K)
+        with census, torch.autocast("cpu", dtype=torch.bfloat16):
+            losses, _ = step(global_crops, local_crops, masks, 0.07, raddino.masked_tokens(masks))
+            losses["loss"].backward()
+        assert census.peak == 3.5, centering
+
+
+def test_compiled_ddp_with_split_buckets_and_checkpointing(tmp_path):
+    """RAD-DINO's path: compiled networks inside DDP with buckets smaller than the model (so
+    that dynamo splits each graph at bucket boundaries), activation checkpointing, a mask
+    count that changes every step, bf16. Four steps: no graph breaks, finite losses, and
+    nothing compiles after the second step. AOT autograd traces the backward as inductor
+    would; world size 1 over gloo is enough for DDP's graph splitting."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(0)
+        # ~2.4 MB of backbone: 3 buckets of torch's smallest, 1 MB
+        backbone = raddino.ViT(img_size=56, patch_size=14, in_chans=1, embed_dim=128, depth=3,
+                               num_heads=4, layerscale_init=0.5, drop_path_rate=0.1)
+        backbone.grad_checkpointing = True
+        step = raddino.StudentTeacher(backbone, out_dim=24, hidden_dim=16, bottleneck_dim=8)
+        graphs = []
+        aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+        def record(graph_module, example_inputs):
+            graphs.append(graph_module)
+            return aot_eager(graph_module, example_inputs)
+
+        step.compile_networks(backend=record)
+        model = torch.nn.parallel.DistributedDataParallel(step, bucket_cap_mb=1,
+                                                          broadcast_buffers=False)
+        optimizer = torch.optim.AdamW(step.student.parameters(), lr=1e-3)
+        counts = []
+        for seed in range(4):
+            global_crops, local_crops, masks = make_batch(seed=seed)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                losses, _ = model(global_crops, local_crops, masks, 0.07,
+                                  raddino.masked_tokens(masks))
+            assert torch.isfinite(losses["loss"]), seed
+            optimizer.zero_grad()
+            losses["loss"].backward()
+            optimizer.step()
+            step.update_teacher(0.99)
+            counts.append(len(graphs))
+    finally:
+        dist.destroy_process_group()
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert counts[1] == counts[2] == counts[3]
+    # Without DDP the first step compiles 5 graphs (the teacher's backbone and head, the
+    # student's head and its backbone for the global and the local crops): more is the split.
+    assert counts[0] > 5
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
+                    reason="torch < 2.9 has only the legacy TF32 flags")
+def test_tf32_is_set_through_the_api_inductor_reads(monkeypatch):
+    """On torch >= 2.9 inductor reads fp32_precision and raises if the legacy allow_tf32
+    setters were used beside it: allow_tf32 sets the new API there."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    monkeypatch.setattr(matmul, "fp32_precision", matmul.fp32_precision)  # restored after
+    monkeypatch.setattr(conv, "fp32_precision", conv.fp32_precision)
+    raddino.allow_tf32(True)
+    assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+    raddino.allow_tf32(False)
+    assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
 
 
 def test_bf16_step_stays_close_to_fp32_and_keeps_its_fp32_parts():

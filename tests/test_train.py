@@ -355,13 +355,15 @@ def test_two_ranks_compiled_in_bf16_on_the_cpu(phantom_set, tmp_path):
 
 
 def test_a_non_finite_loss_stops_the_run_without_a_checkpoint(phantom_set, tmp_path):
-    # A teacher temperature that reaches 0 at step 3 makes the teacher's targets NaN there.
+    # A teacher temperature that reaches 0 at schedule(3) makes the teacher's targets NaN in
+    # the 4th step, which the log calls step 4 (steps done). The check runs where something
+    # is written (here every step, train.log_every=1), before the step-4 checkpoint.
     out = tmp_path / "run"
     result = train(tiny_run(phantom_set, out, "train.steps=6", "train.save_every=2",
                             "train.epoch_length=1", "teacher_temp.end=0.0",
                             "teacher_temp.warmup_epochs=3"), check=False)
     assert result.returncode != 0
-    assert "non-finite loss at step 3" in result.stderr and "dino_global=nan" in result.stderr
+    assert "non-finite loss at step 4" in result.stderr and "dino_global=nan" in result.stderr
     assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == ["checkpoint_0000002.pt"]
     assert not (out / "export").exists()
 

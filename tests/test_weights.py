@@ -208,6 +208,20 @@ def test_pth_files_never_run_code(tmp_path, monkeypatch):
     assert not (tmp_path / "exploited").exists()
 
 
+def test_a_resumed_optimiser_keeps_its_own_implementation_flags():
+    """A checkpoint written on a CPU (fused=False, here foreach=False) resumed where the run
+    builds a faster AdamW keeps the faster one; the state and the hyperparameters load."""
+    model = torch.nn.Linear(3, 2)
+    on_cpu = torch.optim.AdamW(model.parameters(), lr=0.1, foreach=False)
+    model(torch.randn(4, 3)).sum().backward()
+    on_cpu.step()
+    here = torch.optim.AdamW(model.parameters(), lr=0.5, foreach=True)
+    weights.load_optimizer_state(here, on_cpu.state_dict())
+    assert here.param_groups[0]["foreach"] is True
+    assert here.param_groups[0]["lr"] == 0.1
+    assert torch.equal(here.state[model.weight]["exp_avg"], on_cpu.state[model.weight]["exp_avg"])
+
+
 def test_load_backbone_reads_training_checkpoints(tmp_path):
     student = tiny(in_chans=1, drop_path_rate=0.2, num_heads=4)
     model = raddino.StudentTeacher(student, out_dim=32, hidden_dim=16, bottleneck_dim=8)
