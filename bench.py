@@ -178,9 +178,10 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, 
 def measure_train_step(arch="vit_base", batch=64, global_size=224, local_size=98, n_local=8,
                        out_dim=65536, hidden_dim=2048, bottleneck_dim=256, compile=None,
                        grad_checkpointing=False, steps=20, warmup=5, device="auto",
-                       peak_tflops=None):
+                       peak_tflops=None, accum_steps=1):
     """One DINOv2 training step as train.py runs it, on random crops: a dict with ms/step,
-    images/s, achieved TFLOP/s and, on a GPU, peak memory and MFU."""
+    images/s, achieved TFLOP/s and, on a GPU, peak memory and MFU. With accum_steps = k the
+    step is k micro-batches of batch / k, accumulated as train.py does."""
     cuda = torch.cuda.is_available() and device != "cpu"
     torch_device = torch.device("cuda" if cuda else "cpu")
     if compile is None:
@@ -210,11 +211,31 @@ def measure_train_step(arch="vit_base", batch=64, global_size=224, local_size=98
     masks = masks.to(torch_device)
     autocast = torch.autocast(torch_device.type, dtype=torch.bfloat16, enabled=cuda)
 
+    if batch % accum_steps:
+        raise SystemExit(f"--batch {batch} is not a multiple of --accum-steps {accum_steps}")
+    # The same crops and masks for each micro-batch: their cost is what is measured.
+    micro = batch // accum_steps
+    micro_global = torch.cat([global_crops[:micro], global_crops[batch:batch + micro]])
+    micro_masks = torch.cat([masks[:micro], masks[batch:batch + micro]])
+    micro_masked = [t.to(torch_device) for t in raddino.masked_tokens(micro_masks.cpu())]
+    micro_local = local_crops[:n_local * micro]
+
     def step():
-        with autocast:
-            losses, _ = model(global_crops, local_crops, masks, 0.07, masked)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
+        if accum_steps == 1:
+            with autocast:
+                losses, _ = model(global_crops, local_crops, masks, 0.07, masked)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+        else:
+            with torch.no_grad(), autocast:
+                targets = model.teacher_targets([(micro_global, micro_masked[0])] * accum_steps,
+                                                0.07)
+            optimizer.zero_grad(set_to_none=True)
+            for target in targets:
+                with autocast:
+                    losses, _ = model(micro_global, micro_local, micro_masks, 0.07,
+                                      micro_masked, target)
+                (losses["loss"] / accum_steps).backward()
         for network in model.student.values():
             torch.nn.utils.clip_grad_norm_(network.parameters(), 3.0)
         optimizer.step()
@@ -249,7 +270,8 @@ def measure_train_step(arch="vit_base", batch=64, global_size=224, local_size=98
     result = {
         "setting": f"{arch} {global_size} x 2 + {local_size} x {n_local}, batch {batch}, "
                    f"{'bf16' if cuda else 'fp32'}{', compiled' if compile else ''}"
-                   f"{', checkpointing' if grad_checkpointing else ''}",
+                   f"{', checkpointing' if grad_checkpointing else ''}"
+                   f"{f', {accum_steps} micro-batches' if accum_steps > 1 else ''}",
         "device": name,
         "ms_per_step": seconds * 1000,
         "images_per_s": batch / seconds,
@@ -282,7 +304,7 @@ def train_step(args):
         local_size=args.local_size, n_local=args.n_local, out_dim=args.out_dim,
         hidden_dim=args.hidden_dim, bottleneck_dim=args.bottleneck_dim, compile=args.compile,
         grad_checkpointing=args.grad_checkpointing, steps=args.steps, warmup=args.warmup,
-        device=args.device, peak_tflops=args.peak_tflops)
+        device=args.device, peak_tflops=args.peak_tflops, accum_steps=args.accum_steps)
     print_train_result(result)
 
 
@@ -361,6 +383,8 @@ def main():
     command.add_argument("--hidden-dim", type=int, default=2048)
     command.add_argument("--bottleneck-dim", type=int, default=256)
     command.add_argument("--grad-checkpointing", action="store_true")
+    command.add_argument("--accum-steps", type=int, default=1,
+                         help="micro-batches of batch / k a step, as train.accum_steps")
     command.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                          help="default: on GPU only")
     command.add_argument("--steps", type=int, default=20)

@@ -22,8 +22,8 @@ The parts:
   and MFU.
 - memory: configs/rad-dino.yaml from scratch (`init.backbone=`, so no weights to carry):
   RAD-DINO's 518-px batch of 40 with 65,536 prototypes and checkpointing, 3 steps of
-  train.py on phantoms, with the allocator's default and expandable segments: peak
-  allocated and reserved memory.
+  train.py on phantoms, with the allocator's default and expandable segments, and as 2
+  accumulated micro-batches of 20: peak allocated and reserved memory.
 - learn: ViT-S/14 pretrained for a few minutes at 224 px on the `train` images of both
   shared real sets, then eval.py against its random init and the pixels thumbnail on
   kermany-pneumonia and on covid-cxr (5 folds of patients): whether the method, at a scale
@@ -48,7 +48,7 @@ SHARED = HERE / ".." / "shared" / "data"
 PARTS = ("smoke", "cuda-tests", "step", "memory", "learn", "torchrun")
 # Seconds each part may take on the GPU; the two commands of the module docstring add to
 # 480 s each. The dry run gets the same limits, which it needs a fraction of.
-LIMITS = {"smoke": 90, "cuda-tests": 90, "step": 150, "memory": 120, "learn": 300,
+LIMITS = {"smoke": 90, "cuda-tests": 90, "step": 120, "memory": 150, "learn": 300,
           "torchrun": 120}
 
 
@@ -204,14 +204,22 @@ def memory(out_dir, dry_run):
         options += ["model.arch=vit_tiny", "crops.global_size=56", "crops.local_size=28",
                     "train.batch_size=2", "head.out_dim=256", "head.hidden_dim=32",
                     "head.bottleneck_dim=16", "data.workers=0"]
-    for allocator in ("default", "expandable_segments:True"):
-        run = out_dir / allocator.split(":")[0]
+    accumulated = ["train.batch_size=20", "train.accum_steps=2"]
+    if dry_run:
+        accumulated = ["train.batch_size=1", "train.accum_steps=2"]
+    runs = [("default", "default", []),
+            ("expandable", "expandable_segments:True", []),
+            ("2 micro-batches of 20, expandable", "expandable_segments:True", accumulated)]
+    if dry_run:  # the allocator setting means nothing on a CPU
+        runs = runs[::2]
+    for name, allocator, extra in runs:
+        run = out_dir / name.split(",")[0].replace(" ", "-")
         env = {**os.environ}
         if allocator != "default":
             env["PYTORCH_CUDA_ALLOC_CONF"] = allocator
-        run_checked(train_command(1, run, options, dry_run), env=env)
+        run_checked(train_command(1, run, [*options, *extra], dry_run), env=env)
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
-        report(f"configs/rad-dino.yaml from scratch, allocator {allocator}",
+        report(f"configs/rad-dino.yaml from scratch, {name}",
                peak_allocated_gib=last["peak_mem_gib"], peak_reserved_gib=last["peak_reserved_gib"],
                images_per_s=last["images_per_s"])
 

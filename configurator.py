@@ -69,7 +69,8 @@ def check_values(config):
         if config[key] not in allowed:
             raise SystemExit(f"error: {key} must be one of {', '.join(map(str, allowed))}, "
                              f"got {config[key]!r}")
-    for key in ("train.steps", "train.batch_size", "train.epoch_length", "train.save_every",
+    for key in ("train.steps", "train.batch_size", "train.accum_steps", "train.epoch_length",
+                "train.save_every",
                 "train.log_every", "train.keep_checkpoints", "eval.images"):
         if config[key] < 1:
             raise SystemExit(f"error: {key} must be at least 1, got {config[key]}")

@@ -482,7 +482,11 @@ def pass_order(sources, seed, pass_index):
 
 class PretrainBatches(torch.utils.data.Dataset):
     """The batches of pretraining, as a map-style dataset: item k is the collated batch of
-    step start_step + k on this rank (batch_size images per rank).
+    step start_step + k on this rank (batch_size images per rank). With accum_steps = n,
+    items come n to a step: item k is micro-batch k % n of step start_step + k // n, and the
+    n micro-batches of rank r are the parts r * n ... r * n + n - 1 of the global batch, as
+    if world_size x n ranks shared it: one process accumulating 2 micro-batches reads
+    exactly what 2 ranks read.
 
     A batch is a pure function of (seed, step, rank, world_size, sources): its pass over the
     data is step // steps_per_pass, the pass's order pass_order(); each sample's augmentation
@@ -498,7 +502,7 @@ class PretrainBatches(torch.utils.data.Dataset):
 
     def __init__(self, sources, multicrop, mask_generator, batch_size, seed=0, rank=0,
                  world_size=1, start_step=0, on_bad_file="error", mask_ratio=(0.1, 0.5),
-                 mask_prob=0.5):
+                 mask_prob=0.5, accum_steps=1):
         if on_bad_file not in ("error", "skip"):
             raise ValueError(f"on_bad_file must be 'error' or 'skip', not {on_bad_file!r}")
         self.sources = sources
@@ -507,7 +511,8 @@ class PretrainBatches(torch.utils.data.Dataset):
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
-        self.world_size = world_size
+        self.accum_steps = accum_steps
+        self.n_parts = world_size * accum_steps  # the global batch's parts of batch_size
         self.start_step = start_step
         self.on_bad_file = on_bad_file
         self.mask_ratio = mask_ratio
@@ -515,27 +520,27 @@ class PretrainBatches(torch.utils.data.Dataset):
         self.cached_pass = None
         self.cached_order = None
         draws_per_pass = sum(draws_in_a_pass(source) for source in sources)
-        global_batch = batch_size * world_size
+        global_batch = batch_size * self.n_parts
         self.steps_per_pass = draws_per_pass // global_batch  # the tail is dropped
         if self.steps_per_pass == 0:
             raise ValueError(f"{draws_per_pass} images cannot fill one global batch of "
-                             f"{batch_size} x {world_size} ranks")
+                             f"{batch_size} x {world_size} ranks x {accum_steps} micro-batches")
 
     def __len__(self):
         return sys.maxsize  # endless: the training loop decides when to stop
 
-    def first_slot(self, step):
-        """The place in its pass's order of this rank's first sample at `step`."""
+    def first_slot(self, step, part):
+        """The place in its pass's order of the first sample of `part` at `step`."""
         position = step % self.steps_per_pass
-        return (position * self.world_size + self.rank) * self.batch_size
+        return (position * self.n_parts + part) * self.batch_size
 
-    def sample_draws(self, step):
-        """(source, image) pairs of this rank's samples at `step`, before any bad-file swap."""
+    def sample_draws(self, step, part):
+        """(source, image) pairs of part's samples at `step`, before any bad-file swap."""
         pass_index = step // self.steps_per_pass
         if self.cached_pass != pass_index:  # one shuffle per pass, not per step
             self.cached_order = pass_order(self.sources, self.seed, pass_index)
             self.cached_pass = pass_index
-        first = self.first_slot(step)
+        first = self.first_slot(step, part)
         return self.cached_order[first:first + self.batch_size]
 
     def load_sample(self, source, index, pass_index, slot):
@@ -553,13 +558,14 @@ class PretrainBatches(torch.utils.data.Dataset):
         raise RuntimeError(f"100 files in a row failed to load from {self.sources[source]['name']}")
 
     def __getitem__(self, k):
-        step = self.start_step + k
+        step = self.start_step + k // self.accum_steps
+        part = self.rank * self.accum_steps + k % self.accum_steps
         pass_index = step // self.steps_per_pass
         skipped = [0] * len(self.sources)
         samples = []
-        draws = self.sample_draws(step)
+        draws = self.sample_draws(step, part)
         try:
-            for slot, (source, index) in enumerate(draws, start=self.first_slot(step)):
+            for slot, (source, index) in enumerate(draws, start=self.first_slot(step, part)):
                 crops, n_skipped = self.load_sample(source, index, pass_index, slot)
                 samples.append(crops)
                 skipped[source] += n_skipped
@@ -569,7 +575,7 @@ class PretrainBatches(torch.utils.data.Dataset):
             return {"step": step, "error": str(error)}
         masks_rng = np.random.default_rng([self.seed, _MASKS, step])
         batch = collate(samples, self.mask_generator, masks_rng, self.mask_ratio,
-                        self.mask_prob, self.rank, self.world_size)
+                        self.mask_prob, part, self.n_parts)
         return {**batch, "step": step, "skipped": skipped}
 
 

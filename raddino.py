@@ -507,6 +507,12 @@ def dino_loss_reference(student_logits, teacher_probs, student_temp=0.1):
     return total
 
 
+def cat_rows(tensors):
+    """torch.cat, without the copy when there is one tensor (an (M, K) copy is 4 GiB at
+    RAD-DINO's scale)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
 def masked_tokens(masks):
     """(2B, N) bool masks of the global crops -> (indices, weights), what the step needs of
     them: the (M,) positions of the masked patches among the 2B * N, in flatten order, and
@@ -639,33 +645,51 @@ class StudentTeacher(nn.Module):
         center.update(teacher_logits)
         return probs
 
-    def forward(self, global_crops, local_crops, masks, teacher_temp, masked=None):
-        """One batch -> (losses, diagnostics).
+    @torch.no_grad()
+    def teacher_targets(self, micro_batches, teacher_temp):
+        """The teacher's (DINO, iBOT) targets for each of a step's micro-batches, given as
+        [(global_crops, mask_indices), ...]: both global crops, unmasked, no gradients.
 
-        global_crops: (2B, C, G, G), crop-major (every image's first crop, then every second
-        crop); local_crops: (nB, C, L, L), crop-major, n >= 0; masks: (2B, N) bool for the
-        global crops; masked: masked_tokens(masks), which train.py takes from the loader (on
-        a GPU, computing it here would make the host wait). losses: dino_local, dino_global,
-        koleo, ibot and their weighted sum, loss. diagnostics: the student's CLS tokens and
-        the teacher's DINO targets."""
-        n_global_images = global_crops.shape[0] // 2
-        n_local_crops = local_crops.shape[0] // n_global_images
-        if masked is None:
-            masked = masked_tokens(masks)
-        mask_indices, mask_weights = masked  # (M,) into the 2B * N patches, (M,)
-
-        # ----- the teacher: both global crops, unmasked, no gradients -----
-        with torch.no_grad():
+        The centring statistics and Sinkhorn-Knopp cover every micro-batch (and, through
+        all_reduce, every rank): k micro-batches of B behave as k more ranks, and one
+        micro-batch is the plain step."""
+        cls_logits = []
+        patch_logits = []
+        for global_crops, mask_indices in micro_batches:
             teacher_out = self.teacher.backbone(global_crops, is_training=True)
             first_view, second_view = teacher_out["cls"].chunk(2)
             # Swapped, so that the student's view A is matched to the teacher's view B.
             teacher_cls = torch.cat([second_view, first_view])
             # (2B, N, D) -> (M, D)
             teacher_patch = teacher_out["patch"].flatten(0, 1).index_select(0, mask_indices)
-            cls_logits, patch_logits = self.teacher_heads(teacher_cls, teacher_patch)
-            dino_targets = self.targets(cls_logits, self.dino_center, teacher_temp)  # (2B, K)
-            ibot_targets = self.targets(patch_logits, self.ibot_center, teacher_temp)  # (M, K)
-            del patch_logits  # (M, K): gone before the student's pass needs the memory
+            cls, patch = self.teacher_heads(teacher_cls, teacher_patch)
+            cls_logits.append(cls)
+            patch_logits.append(patch)
+        dino_targets = self.targets(cat_rows(cls_logits), self.dino_center, teacher_temp)  # (2B, K)
+        ibot_targets = self.targets(cat_rows(patch_logits), self.ibot_center, teacher_temp)  # (M, K)
+        dino_targets = dino_targets.split([len(logits) for logits in cls_logits])
+        ibot_targets = ibot_targets.split([len(logits) for logits in patch_logits])
+        return list(zip(dino_targets, ibot_targets))
+
+    def forward(self, global_crops, local_crops, masks, teacher_temp, masked=None,
+                targets=None):
+        """One batch -> (losses, diagnostics).
+
+        global_crops: (2B, C, G, G), crop-major (every image's first crop, then every second
+        crop); local_crops: (nB, C, L, L), crop-major, n >= 0; masks: (2B, N) bool for the
+        global crops; masked: masked_tokens(masks), which train.py takes from the loader (on
+        a GPU, computing it here would make the host wait); targets: this batch's
+        teacher_targets() when train.py computed them for several micro-batches at once.
+        losses: dino_local, dino_global, koleo, ibot and their weighted sum, loss.
+        diagnostics: the student's CLS tokens and the teacher's DINO targets."""
+        n_global_images = global_crops.shape[0] // 2
+        n_local_crops = local_crops.shape[0] // n_global_images
+        if masked is None:
+            masked = masked_tokens(masks)
+        mask_indices, mask_weights = masked  # (M,) into the 2B * N patches, (M,)
+        if targets is None:
+            [targets] = self.teacher_targets([(global_crops, mask_indices)], teacher_temp)
+        dino_targets, ibot_targets = targets  # (2B, K), (M, K)
 
         # ----- the student: global crops masked, local crops not -----
         student_global = self.student.backbone(global_crops, masks=masks, is_training=True)

@@ -11,6 +11,7 @@ weights.py, the reading and checking of config.yaml in configurator.py, the draw
 loss.png in plot.py, the probe of the learning signal in backbones.py and probes.py.
 """
 
+import contextlib
 import datetime
 import gc
 import json
@@ -192,7 +193,9 @@ groups = raddino.param_groups(model.student, config["optim.layer_decay"],
 optimizer = torch.optim.AdamW(groups, betas=tuple(config["optim.betas"]), fused=use_cuda)
 total_steps = config["train.steps"]
 epoch_length = config["train.epoch_length"]  # steps per "epoch", the unit of the schedules
-global_batch = config["train.batch_size"] * world_size
+# train.batch_size is per process and micro-batch; train.accum_steps micro-batches make a step
+accum_steps = config["train.accum_steps"]
+global_batch = config["train.batch_size"] * world_size * accum_steps
 peak_lr = config["optim.base_lr"] * math.sqrt(global_batch / 1024)  # DINOv2's sqrt scaling
 
 
@@ -446,32 +449,53 @@ batches = data.PretrainBatches(
     sources, multicrop, mask_generator, config["train.batch_size"], seed=config["seed"],
     rank=rank, world_size=world_size, start_step=start_step,
     on_bad_file=config["data.on_bad_file"], mask_ratio=tuple(config["mask.ratio"]),
-    mask_prob=config["mask.prob"])
+    mask_prob=config["mask.prob"], accum_steps=accum_steps)
 loader = data.iterate(batches, num_workers=config["data.workers"], pin_memory=use_cuda)
 clip_grad = config["optim.clip_grad"]
-step = start_step
-while step < total_steps:
+
+
+def next_micro_batch():
+    """The loader's next batch, its tensors copied to the device without waiting (pinned)."""
     try:
         batch = next(loader)
     except data.ImageError as error:
         raise SystemExit(f"error: {error}. Set data.on_bad_file=skip to skip unreadable files "
                          f"(they are counted in the log).")
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
+
+
+step = start_step
+while step < total_steps:
+    micro_batches = [next_micro_batch() for _ in range(accum_steps)]
     scheduled = schedule(step)
     for group in optimizer.param_groups:
         lr = scheduled["last_layer_lr"] if group["last_layer"] else scheduled["lr"]
         group["lr"] = lr * group["lr_mult"]
         group["weight_decay"] = scheduled["wd"] * group["wd_mult"]
-    global_crops = batch["global"].to(device, non_blocking=True)
-    local_crops = batch["local"].to(device, non_blocking=True)
-    masks = batch["masks"].to(device, non_blocking=True)
-    masked = (batch["mask_indices"].to(device, non_blocking=True),
-              batch["mask_weights"].to(device, non_blocking=True))
 
-    with autocast:
-        losses, diagnostics = train_model(
-            global_crops, local_crops, masks, scheduled["teacher_temp"], masked)
+    # The teacher's targets for every micro-batch first, so that centring and Sinkhorn-Knopp
+    # see the whole accumulated batch, as they see every rank's rows. (Not through DDP: the
+    # teacher has no gradients to synchronise.)
+    with torch.no_grad(), autocast:
+        targets = model.teacher_targets(
+            [(batch["global"], batch["mask_indices"]) for batch in micro_batches],
+            scheduled["teacher_temp"])
     optimizer.zero_grad(set_to_none=True)
-    losses["loss"].backward()
+    step_losses = torch.zeros(len(TERMS), device=device)
+    for j, batch in enumerate(micro_batches):
+        # Each micro-batch counts 1 / accum_steps, as each rank's gradient counts
+        # 1 / world_size in DDP's mean; DDP all-reduces after the last one only.
+        last = j == accum_steps - 1
+        with contextlib.nullcontext() if last or not distributed else train_model.no_sync():
+            with autocast:
+                losses, diagnostics = train_model(
+                    batch["global"], batch["local"], batch["masks"], scheduled["teacher_temp"],
+                    (batch["mask_indices"], batch["mask_weights"]), targets[j])
+            (losses["loss"] / accum_steps).backward()
+        step_losses += torch.stack([losses[k].detach().float() for k in TERMS]) / accum_steps
+        skipped = [total + new for total, new in zip(skipped, batch["skipped"])]
+    del targets, losses  # the targets of every micro-batch, each (M, K)
     if clip_grad > 0:  # 0 means no clipping, as in DINOv2
         for network in model.student.values():  # backbone and heads separately
             torch.nn.utils.clip_grad_norm_(network.parameters(), clip_grad)
@@ -479,9 +503,8 @@ while step < total_steps:
     model.update_teacher(scheduled["momentum"])
 
     step += 1
-    window_losses += torch.stack([losses[k].detach().float() for k in TERMS])
+    window_losses += step_losses
     window_steps += 1
-    skipped = [total + new for total, new in zip(skipped, batch["skipped"])]
     logging = step % config["train.log_every"] == 0 or step == total_steps
     probing = probe_set is not None and (step % config["eval.every"] == 0 or step == total_steps)
     saving = step % config["train.save_every"] == 0 or step == total_steps

@@ -484,9 +484,9 @@ def test_sharding_covers_every_sample_once_per_pass(phantom_set):
     assert ranks[0].steps_per_pass == 3
     for pass_index in range(2):
         seen = [i for step in range(3 * pass_index, 3 * pass_index + 3) for b in ranks
-                for _, i in b.sample_draws(step)]
+                for _, i in b.sample_draws(step, b.rank)]
         assert sorted(seen) == list(range(24))
-    assert ranks[0].sample_draws(0) != ranks[0].sample_draws(3)  # reshuffled per pass
+    assert ranks[0].sample_draws(0, 0) != ranks[0].sample_draws(3, 0)  # reshuffled per pass
     with pytest.raises(ValueError, match="24 images cannot fill"):
         dataset(paths, batch_size=13, world_size=2)
 
@@ -611,11 +611,19 @@ def test_mixture_batches_are_a_pure_function_of_seed_step_and_rank(tmp_path):
     for c in range(2):  # crop c of rank r = crop c of global samples 2r, 2r + 1
         joined = torch.cat([halves[r]["global"][2 * c:2 * c + 2] for r in range(2)])
         assert torch.equal(joined, whole["global"][4 * c:4 * c + 4])
+    # Accumulating 2 micro-batches a step reads what 2 ranks read: items 8 and 9 are step 4.
+    accumulated = mixture(tmp_path, batch_size=2, accum_steps=2)
+    for j in range(2):
+        micro_batch = accumulated[8 + j]
+        assert micro_batch["step"] == 4
+        assert same(micro_batch, halves[j])
+        assert torch.equal(micro_batch["mask_indices"], halves[j]["mask_indices"])
+    assert same(mixture(tmp_path, batch_size=2, accum_steps=2, start_step=4)[1], halves[1])
 
 
 def test_an_image_drawn_twice_in_a_pass_gets_other_crops(tmp_path):
     batches = mixture(tmp_path, batch_size=12)  # the whole pass in one batch
-    draws = batches.sample_draws(0)
+    draws = batches.sample_draws(0, 0)
     batch = batches[0]
     twice = [(i, j) for i in range(12) for j in range(i + 1, 12) if draws[i] == draws[j]]
     assert len(twice) == 3  # each image of b, drawn twice

@@ -306,10 +306,19 @@ def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_pat
     result = train(tiny_run(phantom_set, tmp_path / "two", *args, "train.batch_size=4",
                             "train.steps=2"), launcher=launcher)
     assert "world size 2" in result.stdout
+    # One process accumulating 2 micro-batches of 4 is 2 ranks of 4: the same images and
+    # masks, targets over all 8, gradients averaged, the lr of a global batch of 8.
+    result = train(tiny_run(phantom_set, tmp_path / "accumulated", *args, "train.batch_size=4",
+                            "train.accum_steps=2", "train.steps=2"))
+    assert "global batch 8" in result.stdout
     one, two = student_state(tmp_path / "one"), student_state(tmp_path / "two")
+    accumulated = student_state(tmp_path / "accumulated")
     for key in one["model"]:
         torch.testing.assert_close(one["model"][key], two["model"][key], atol=1e-5, rtol=1e-5,
                                    msg=key)
+        torch.testing.assert_close(accumulated["model"][key], two["model"][key], atol=1e-5,
+                                   rtol=1e-5, msg=key)
+    assert accumulated["history"][-1]["skipped_files"] == two["history"][-1]["skipped_files"]
     # Resumed to step 4, two ranks count as many skipped files as one process that ran
     # through: the counts go on from the checkpoint's, summed over ranks, not from 0.
     train(tiny_run(phantom_set, tmp_path / "two", *args, "train.batch_size=4", "train.steps=4"),
