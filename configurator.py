@@ -74,6 +74,15 @@ def check_values(config):
                 "train.log_every", "train.keep_checkpoints", "eval.images"):
         if config[key] < 1:
             raise SystemExit(f"error: {key} must be at least 1, got {config[key]}")
+    patch = config["model.patch_size"]
+    for key in ("crops.global_size", "crops.local_size", "highres.global_size",
+                "highres.local_size"):
+        if config[key] % patch:  # the patch embedding would drop the border
+            raise SystemExit(f"error: {key}={config[key]} is not a multiple of "
+                             f"model.patch_size={patch}")
+    if not 0 < config["highres.fraction"] <= 1:
+        raise SystemExit(f"error: highres.fraction must be in (0, 1], got "
+                         f"{config['highres.fraction']}")
     if config["eval.every"] < 0:
         raise SystemExit(f"error: eval.every must be 0 (no probe) or more, got "
                          f"{config['eval.every']}")

@@ -502,12 +502,14 @@ class PretrainBatches(torch.utils.data.Dataset):
 
     def __init__(self, sources, multicrop, mask_generator, batch_size, seed=0, rank=0,
                  world_size=1, start_step=0, on_bad_file="error", mask_ratio=(0.1, 0.5),
-                 mask_prob=0.5, accum_steps=1):
+                 mask_prob=0.5, accum_steps=1, highres=None):
         if on_bad_file not in ("error", "skip"):
             raise ValueError(f"on_bad_file must be 'error' or 'skip', not {on_bad_file!r}")
         self.sources = sources
         self.multicrop = multicrop
         self.mask_generator = mask_generator
+        # (first step, multicrop, mask generator) of a high-resolution phase, or None
+        self.highres = highres
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
@@ -543,13 +545,20 @@ class PretrainBatches(torch.utils.data.Dataset):
         first = self.first_slot(step, part)
         return self.cached_order[first:first + self.batch_size]
 
-    def load_sample(self, source, index, pass_index, slot):
+    def phase(self, step):
+        """(multicrop, mask generator) at `step`: the high-resolution phase's from its first
+        step on, a pure function of the step, so a resume across the switch is exact."""
+        if self.highres and step >= self.highres[0]:
+            return self.highres[1], self.highres[2]
+        return self.multicrop, self.mask_generator
+
+    def load_sample(self, source, index, pass_index, slot, multicrop):
         """(crops, files skipped) for image `index` of `source`, drawn at `slot` of its pass."""
         paths = self.sources[source]["paths"]
         rng = np.random.default_rng([self.seed, _AUGMENT, pass_index, slot])
         for attempt in range(1, 101):
             try:
-                return self.multicrop(load_image(paths[index]), rng), attempt - 1
+                return multicrop(load_image(paths[index]), rng), attempt - 1
             except ImageError:
                 if self.on_bad_file == "error":
                     raise
@@ -564,9 +573,10 @@ class PretrainBatches(torch.utils.data.Dataset):
         skipped = [0] * len(self.sources)
         samples = []
         draws = self.sample_draws(step, part)
+        multicrop, mask_generator = self.phase(step)
         try:
             for slot, (source, index) in enumerate(draws, start=self.first_slot(step, part)):
-                crops, n_skipped = self.load_sample(source, index, pass_index, slot)
+                crops, n_skipped = self.load_sample(source, index, pass_index, slot, multicrop)
                 samples.append(crops)
                 skipped[source] += n_skipped
         except ImageError as error:
@@ -574,7 +584,7 @@ class PretrainBatches(torch.utils.data.Dataset):
             # traceback; as data, iterate() can raise it as it was.
             return {"step": step, "error": str(error)}
         masks_rng = np.random.default_rng([self.seed, _MASKS, step])
-        batch = collate(samples, self.mask_generator, masks_rng, self.mask_ratio,
+        batch = collate(samples, mask_generator, masks_rng, self.mask_ratio,
                         self.mask_prob, part, self.n_parts)
         return {**batch, "step": step, "skipped": skipped}
 

@@ -778,8 +778,8 @@ def allow_tf32(enabled):
 
 
 def param_groups(student, layer_decay=0.9, patch_embed_lr_mult=0.2):
-    """DINOv2's per-parameter optimiser settings, as AdamW groups with lr_mult, wd_mult and
-    last_layer keys that the training loop multiplies into its schedules.
+    """DINOv2's per-parameter optimiser settings, as AdamW groups with lr_mult, wd_mult,
+    last_layer and backbone keys that the training loop multiplies into its schedules.
 
     - Layer-wise lr decay (BEiT, section 3.3): block i of L gets layer_decay ** (L - i);
       the patch embedding, position embedding and tokens layer_decay ** (L + 1); the final
@@ -787,6 +787,7 @@ def param_groups(student, layer_decay=0.9, patch_embed_lr_mult=0.2):
     - The patch embedding also gets x patch_embed_lr_mult (DINOv2: 0.2).
     - No weight decay on biases, norms and LayerScale gammas (wd_mult 0).
     - The prototypes (last_layer) are a group of their own: the loop freezes them at first.
+      So is the backbone, which train.freeze_backbone_epochs holds still at first.
     - A one-channel patch embedding learns as a three-channel one would on a gray image.
       Its three kernels get the same gradient, so AdamW moves each by the same step and
       their sum (the one-channel kernel) three times as far: lr x 3. Weight decay shrinks
@@ -815,10 +816,11 @@ def param_groups(student, layer_decay=0.9, patch_embed_lr_mult=0.2):
         if name.endswith(".bias") or "norm" in name or name.endswith(".gamma"):
             wd_mult = 0.0
         last_layer = ".last_layer." in name
-        key = (lr_mult, wd_mult, last_layer)
+        in_backbone = name.startswith("backbone.")
+        key = (lr_mult, wd_mult, last_layer, in_backbone)
         if key not in groups:
             groups[key] = {"params": [], "names": [], "lr_mult": lr_mult, "wd_mult": wd_mult,
-                           "last_layer": last_layer}
+                           "last_layer": last_layer, "backbone": in_backbone}
         groups[key]["params"].append(param)
         groups[key]["names"].append(name)
     return list(groups.values())

@@ -133,6 +133,18 @@ for source in sources:
 crops = {key[len("crops."):]: value for key, value in config.items() if key.startswith("crops.")}
 multicrop = data.MultiCrop(**crops)
 mask_generator = data.MaskGenerator(config["crops.global_size"] // config["model.patch_size"])
+# The high-resolution phase: larger crops for the last highres.fraction of the steps, as
+# DINOv2 adapts to 518 px at the end of pretraining. The backbone interpolates its position
+# embeddings to any grid; the masks are drawn on the new grid.
+highres = None
+if config["highres.global_size"]:
+    late_crops = {**crops, "global_size": config["highres.global_size"],
+                  "local_size": config["highres.local_size"] or crops["local_size"]}
+    highres_step = config["train.steps"] - round(config["highres.fraction"] * config["train.steps"])
+    late_grid = config["highres.global_size"] // config["model.patch_size"]
+    highres = (highres_step, data.MultiCrop(**late_crops), data.MaskGenerator(late_grid))
+    log(f"high-resolution phase from step {highres_step}: {late_crops['global_size']}-px "
+        f"global and {late_crops['local_size']}-px local crops")
 
 # ===== model =====
 if config["init.backbone"]:
@@ -219,8 +231,15 @@ def schedule(step):
     lr = cosine(step, peak_lr, config["optim.min_lr"], warmup_steps)
     frozen_steps = config["optim.freeze_last_layer_epochs"] * epoch_length
     temp_steps = config["teacher_temp.warmup_epochs"] * epoch_length
+    # Continued pretraining: fresh heads train on a still backbone first, then the backbone
+    # joins under a warm-up of its own, from 0 over optim.warmup_epochs.
+    backbone_frozen_steps = config["train.freeze_backbone_epochs"] * epoch_length
+    backbone_warmup = min(1.0, max(0.0, step - backbone_frozen_steps) / max(1, warmup_steps))
+    if not backbone_frozen_steps:
+        backbone_warmup = 1.0
     return {
         "lr": lr,
+        "backbone_lr": lr * backbone_warmup,
         "last_layer_lr": 0.0 if step < frozen_steps else lr,
         "wd": cosine(step, config["optim.weight_decay"], config["optim.weight_decay_end"]),
         "momentum": cosine(step, config["momentum.start"], config["momentum.end"]),
@@ -449,7 +468,7 @@ batches = data.PretrainBatches(
     sources, multicrop, mask_generator, config["train.batch_size"], seed=config["seed"],
     rank=rank, world_size=world_size, start_step=start_step,
     on_bad_file=config["data.on_bad_file"], mask_ratio=tuple(config["mask.ratio"]),
-    mask_prob=config["mask.prob"], accum_steps=accum_steps)
+    mask_prob=config["mask.prob"], accum_steps=accum_steps, highres=highres)
 loader = data.iterate(batches, num_workers=config["data.workers"], pin_memory=use_cuda)
 clip_grad = config["optim.clip_grad"]
 
@@ -470,7 +489,11 @@ while step < total_steps:
     micro_batches = [next_micro_batch() for _ in range(accum_steps)]
     scheduled = schedule(step)
     for group in optimizer.param_groups:
-        lr = scheduled["last_layer_lr"] if group["last_layer"] else scheduled["lr"]
+        lr = scheduled["lr"]
+        if group["last_layer"]:
+            lr = scheduled["last_layer_lr"]
+        elif group["backbone"]:
+            lr = scheduled["backbone_lr"]
         group["lr"] = lr * group["lr_mult"]
         group["weight_decay"] = scheduled["wd"] * group["wd_mult"]
 

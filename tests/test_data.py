@@ -621,6 +621,20 @@ def test_mixture_batches_are_a_pure_function_of_seed_step_and_rank(tmp_path):
     assert same(mixture(tmp_path, batch_size=2, accum_steps=2, start_step=4)[1], halves[1])
 
 
+def test_the_high_resolution_phase_starts_at_its_step(tmp_path):
+    """Crops and masks switch to the phase's sizes from its first step on, whatever item
+    index the step has (a resume starts the items anywhere)."""
+    late = data.MultiCrop(**{**SMALL, "global_size": 48, "local_size": 24})
+    batches = mixture(tmp_path, highres=(5, late, data.MaskGenerator(6)))
+    for step in (4, 5, 6):
+        batch = batches[step]
+        size = 48 if step >= 5 else 32
+        assert batch["global"].shape[-1] == size and batch["local"].shape[-1] == size // 2
+        assert batch["masks"].shape[1] == (36 if step >= 5 else 16)
+    resumed = mixture(tmp_path, highres=(5, late, data.MaskGenerator(6)), start_step=5)
+    assert same(resumed[0], batches[5])
+
+
 def test_an_image_drawn_twice_in_a_pass_gets_other_crops(tmp_path):
     batches = mixture(tmp_path, batch_size=12)  # the whole pass in one batch
     draws = batches.sample_draws(0, 0)

@@ -5,6 +5,7 @@ import inspect
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import yaml
 from PIL import Image
 
 import backbones
+import configurator
 import data
 import phantoms
 import probes
@@ -82,6 +84,19 @@ def test_unknown_keys_and_wrong_types_are_clear_errors(tmp_path):
     result = train([f"config={tmp_path / 'other.yaml'}"], check=False)
     assert (result.returncode != 0 and "loss.koleo_wieght" in result.stderr
             and "other.yaml" in result.stderr)
+
+
+def test_values_a_type_cannot_judge_are_refused_by_key():
+    """In process, without a train.py launch: sizes off the patch grid, a fraction outside
+    (0, 1], a count under 1."""
+    defaults = ROOT / "config.yaml"
+    for bad, message in (("crops.global_size=80", "crops.global_size=80 is not a multiple of "
+                                                  "model.patch_size=14"),
+                         ("highres.global_size=500", "highres.global_size=500 is not"),
+                         ("highres.fraction=0", "highres.fraction must be in (0, 1]"),
+                         ("train.accum_steps=0", "train.accum_steps must be at least 1")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            configurator.load_config(defaults, [bad])
 
 
 def test_a_short_run_end_to_end(phantom_set, tmp_path):
@@ -171,13 +186,17 @@ def test_schedules_and_parameter_groups(phantom_set, tmp_path):
     train(tiny_run(phantom_set, out, "train.steps=6", "train.epoch_length=1",
                    "optim.warmup_epochs=2", "teacher_temp.warmup_epochs=3",
                    "optim.freeze_last_layer_epochs=100", "train.save_every=6",
-                   "teacher_temp.start=0.04", "teacher_temp.end=0.07", "momentum.start=0.992"))
+                   "teacher_temp.start=0.04", "teacher_temp.end=0.07", "momentum.start=0.992",
+                   "train.freeze_backbone_epochs=3"))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     peak = 0.004 * math.sqrt(4 / 1024)
     lrs = [r["lr"] for r in records]
     assert (lrs[0] == 0.0 and lrs[1] == pytest.approx(peak / 2)
             and lrs[2] == pytest.approx(peak))  # warm-up, then peak
     assert lrs[2] > lrs[3] > lrs[4] > lrs[5] > 1e-6  # cosine towards min_lr
+    # The backbone still for 3 steps, then its own 2-step warm-up from 0.
+    assert [r["backbone_lr"] for r in records] == pytest.approx(
+        [0, 0, 0, 0, lrs[4] / 2, lrs[5]])
     assert (records[0]["wd"] == pytest.approx(0.04)
             and records[0]["momentum"] == pytest.approx(0.992))
     assert [r["teacher_temp"] for r in records[:4]] == pytest.approx([0.04, 0.05, 0.06, 0.07])
@@ -213,6 +232,10 @@ def test_schedules_and_parameter_groups(phantom_set, tmp_path):
         records[-1]["wd"])
     # + the head's tensors
     assert len(by_name) == sum(1 for _ in raddino.build_vit("vit_tiny").parameters()) + 8
+    # The backbone's groups are its own: no head tensor shares one.
+    assert all(g["backbone"] == all(n.startswith("backbone.") for n in g["names"])
+               and g["backbone"] == any(n.startswith("backbone.") for n in g["names"])
+               for g in groups)
     # Prototypes frozen (lr 0) while everything else moves.
     assert (by_name["dino_head.last_layer.weight_g"]["lr"] == 0.0
             and by_name["dino_head.mlp.0.weight"]["lr"] > 0)
@@ -375,6 +398,26 @@ def test_a_non_finite_loss_stops_the_run_without_a_checkpoint(phantom_set, tmp_p
     assert "non-finite loss at step 4" in result.stderr and "dino_global=nan" in result.stderr
     assert sorted(p.name for p in out.glob("checkpoint_*.pt")) == ["checkpoint_0000002.pt"]
     assert not (out / "export").exists()
+
+
+def test_the_high_resolution_phase_trains_and_resumes_across_its_switch(phantom_set, tmp_path):
+    """56-px global crops, then 70 px (a 5 x 5 grid: position embeddings interpolated, masks
+    drawn on the new grid) for the last quarter of 4 steps; resumed from step 2, across the
+    switch at step 3, the run ends bitwise where the straight run ended."""
+    out = tmp_path / "run"
+    args = tiny_run(phantom_set, out, "train.steps=4", "train.save_every=2",
+                    "highres.global_size=70", "highres.local_size=42", "highres.fraction=0.25",
+                    "model.drop_path=0.1")
+    result = train(args)
+    assert "high-resolution phase from step 3: 70-px global and 42-px local crops" in result.stdout
+    straight = student_state(out)
+    (out / "checkpoint_0000004.pt").unlink()
+    result = train(args)
+    assert "resumed from" in result.stdout and "checkpoint_0000002.pt" in result.stdout
+    resumed = student_state(out)
+    assert resumed["step"] == straight["step"] == 4
+    for key in straight["model"]:
+        assert torch.equal(straight["model"][key], resumed["model"][key]), key
 
 
 def test_init_backbone_starts_student_and_teacher_from_weights(phantom_set, tmp_path):
