@@ -741,6 +741,12 @@ class StudentTeacher(nn.Module):
         # Left as graph inputs (torch's default), they break DDP's graph splitting under
         # torchrun ("'float' object has no attribute 'meta'", torch 2.13).
         torch._dynamo.config.specialize_float = True
+        if self.student.backbone.grad_checkpointing and torch_version() < (2, 11):
+            # Under DDP, dynamo splits each graph at the gradient buckets; torch 2.4 refuses
+            # a graph with checkpointed blocks in it ("Found a higher order op"), torch 2.11
+            # splits it. Versions between were not checked: one bucket per graph for them,
+            # which overlaps less of the all-reduce with the backward pass.
+            torch._dynamo.config.optimize_ddp = False
         for network in (*self.student.values(), *self.teacher.values()):
             if isinstance(network, ViT):
                 # Static shapes: one graph for the global crops and one for the local crops,
@@ -762,6 +768,12 @@ class StudentTeacher(nn.Module):
 
 
 # ===== What the training loop needs to know =====
+
+
+def torch_version():
+    """(major, minor) of the installed torch."""
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def allow_tf32(enabled):

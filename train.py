@@ -190,6 +190,9 @@ log(f"student backbone: {n_params / 1e6:.1f}M parameters, {backbone.args['depth'
     f"width {backbone.embed_dim}")
 if compile_networks:
     model.compile_networks()
+    if distributed and not torch._dynamo.config.optimize_ddp:
+        log(f"torch {torch.__version__}: compiled DDP with activation checkpointing runs one "
+            f"gradient bucket per graph (raddino.StudentTeacher.compile_networks says why)")
 # From here on each rank draws from its own stream, as DINOv2 seeds with seed + rank: drop
 # path must not mask the same samples on every GPU. (Crops and masks have their own seeded
 # streams in data.py.)

@@ -239,22 +239,26 @@ def test_compiled_ddp_with_split_buckets_and_checkpointing(tmp_path):
     assert not torch._dynamo.utils.counters["graph_break"]
     assert counts[1] == counts[2] == counts[3]
     # Without DDP the first step compiles 5 graphs (the teacher's backbone and head, the
-    # student's head and its backbone for the global and the local crops): more is the split.
-    assert counts[0] > 5
+    # student's head and its backbone for the global and the local crops): more is the split,
+    # which torch < 2.11 gives up for checkpointed blocks (see compile_networks).
+    if raddino.torch_version() >= (2, 11):
+        assert counts[0] > 5
 
 
 @pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"),
                     reason="torch < 2.9 has only the legacy TF32 flags")
-def test_tf32_is_set_through_the_api_inductor_reads(monkeypatch):
+def test_tf32_is_set_through_the_api_inductor_reads():
     """On torch >= 2.9 inductor reads fp32_precision and raises if the legacy allow_tf32
     setters were used beside it: allow_tf32 sets the new API there."""
     matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    monkeypatch.setattr(matmul, "fp32_precision", matmul.fp32_precision)  # restored after
-    monkeypatch.setattr(conv, "fp32_precision", conv.fp32_precision)
-    raddino.allow_tf32(True)
-    assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
-    raddino.allow_tf32(False)
-    assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    try:
+        raddino.allow_tf32(True)
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        raddino.allow_tf32(False)
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("ieee", "ieee")
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
 
 
 def test_bf16_step_stays_close_to_fp32_and_keeps_its_fp32_parts():
