@@ -91,9 +91,6 @@ def code_version():
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 compile_networks = config["compile"] is True or (config["compile"] == "auto" and use_cuda)
 
-if master:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 gpu_name = f" ({torch.cuda.get_device_name(device)})" if use_cuda else ""
 code = code_version()  # once: a run keeps the version it started with
 log(f"RAD-DINO pretraining | code {code} | torch {torch.__version__} "
@@ -259,6 +256,12 @@ if earlier_checkpoints:
     if use_cuda and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], device)
     log(f"resumed from {path} at step {start_step}")
+
+# Only now that the run is accepted does out_dir get its config: a refused resume leaves the
+# config that matches the checkpoints beside it.
+if master:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 # Files skipped per source (data.on_bad_file=skip), all of their bookkeeping: each rank
 # counts those it met; rank 0 also carries the checkpoint's counts (summed over ranks when it

@@ -130,6 +130,7 @@ def test_a_short_run_end_to_end(phantom_set, tmp_path):
     assert "python eval.py --backbone" in log
     # Starting over beside these checkpoints would mix two runs; so would resuming a run
     # that is already past train.steps.
+    run_config = (out / "config.yaml").read_text()
     result = train(tiny_run(phantom_set, out, "train.steps=3", "resume=false"), check=False)
     assert result.returncode != 0 and "holds checkpoints of an earlier run" in result.stderr
     result = train(tiny_run(phantom_set, out, "train.steps=2"), check=False)
@@ -139,6 +140,8 @@ def test_a_short_run_end_to_end(phantom_set, tmp_path):
                             "train.log_every=2"), check=False)
     assert result.returncode != 0 and "teacher_temp.end=0.01 -> 0.05" in result.stderr
     assert "train.log_every" not in result.stderr and "train.steps" not in result.stderr
+    # A refused run leaves out_dir's config as it was: the one its checkpoints were trained with.
+    assert (out / "config.yaml").read_text() == run_config
 
 
 def test_a_phantom_set_of_another_size_is_not_trained_on_silently(tmp_path):
