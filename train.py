@@ -239,6 +239,16 @@ if earlier_checkpoints:
     if state["step"] > config["train.steps"]:
         raise SystemExit(f"error: {path} is at step {state['step']}, past train.steps="
                          f"{config['train.steps']}: raise train.steps or choose another out_dir")
+    # Another number of ranks would change the global batch, the peak lr (sqrt scaling)
+    # and the data order (batches are drawn per rank). Checkpoints older than the key are
+    # taken as they were.
+    trained_on = state.get("world_size", world_size)
+    if trained_on != world_size:
+        batch_size = state["config"]["train.batch_size"]
+        raise SystemExit(f"error: {path} was trained on {trained_on} ranks (global batch "
+                         f"{trained_on * batch_size}); this run has {world_size} (global batch "
+                         f"{global_batch}): resume on {trained_on} ranks, or start over with "
+                         f"another out_dir")
     # A resume may change how the run is carried out, never what it computes: another
     # recipe (say, an older config.yaml's) on top of these weights would be neither run.
     changed = [f"{key}={state['config'].get(key)!r} -> {value!r}" for key, value in config.items()
@@ -308,7 +318,7 @@ def save_checkpoint(step):
     if not master:
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "rng": all_rng, "history": history, "config": config,
+             "rng": all_rng, "history": history, "config": config, "world_size": world_size,
              "backbone_args": backbone.args, "code": code, "skipped_files": skipped_so_far}
     path = weights.save_checkpoint(state, out_dir, keep=config["train.keep_checkpoints"])
     plot.draw_curves(history, LOSS_PANELS, out_dir / "loss.png")

@@ -326,6 +326,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_pat
     assert skipped["straight"] == skipped["two"]
     # Each rank draws drop path from its own stream (seed + rank), as DINOv2 does.
     assert not torch.equal(two["rng"][0]["cpu"], two["rng"][1]["cpu"])
+    # One process cannot go on with two ranks' run: the global batch, the lr and the data
+    # order would change. The refusal names both sizes.
+    result = train(tiny_run(phantom_set, tmp_path / "two", *args, "train.batch_size=4",
+                            "train.steps=6"), check=False)
+    assert result.returncode != 0
+    assert ("checkpoint_0000004.pt was trained on 2 ranks (global batch 8); this run has 1 "
+            "(global batch 4)") in result.stderr
 
 
 @pytest.mark.cuda
