@@ -368,7 +368,14 @@ TERMS = ("dino_local", "dino_global", "koleo", "ibot", "loss")
 log(f"training steps {start_step} -> {total_steps}: global batch {global_batch} "
     f"(x{2 + config['crops.n_local']} crops), peak lr {peak_lr:.2e}, "
     f"one epoch = {epoch_length} steps")
-metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
+# metrics.jsonl holds the history: written again from the checkpoint's on a resume, so the
+# steps logged after that checkpoint and before a kill are not there twice once run again.
+metrics_file = None
+if master:
+    metrics_file = open(out_dir / "metrics.jsonl", "w")
+    for record in history:
+        metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
 if probe_set and start_step == 0:
     probe_teacher(0)  # the network before any training: random init or init.backbone's
 warned = False

@@ -51,6 +51,12 @@ def train(args, launcher=(sys.executable,), timeout=300, check=True):
     return result
 
 
+def metrics_losses(out_dir):
+    """[(step, loss)] of metrics.jsonl's step records, in file order."""
+    records = map(json.loads, (Path(out_dir) / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
 def student_state(out_dir):
     newest = sorted(Path(out_dir).glob("checkpoint_*.pt"))[-1]
     return torch.load(newest, weights_only=True)
@@ -283,14 +289,19 @@ def test_resume_after_sigkill_is_bitwise_identical(phantom_set, tmp_path):
     process.wait()
     assert not (killed / "checkpoint_0000008.pt").exists(), (
         "the run finished before it could be killed")
-    # as a kill mid-save leaves it
+    # as a kill mid-save leaves it, and the steps logged after the checkpoint
     (killed / "checkpoint_0000006.pt.tmp999").write_bytes(b"half a checkpoint")
+    with open(killed / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 5, "loss": 99.0}\n{"step": 6, "loss": 99.0}\n')
     result = train(tiny_run(phantom_set, killed, *args))
     assert "resumed from" in result.stdout and "checkpoint_0000004.pt" in result.stdout
     a, b = student_state(tmp_path / "straight"), student_state(killed)
     assert a["step"] == b["step"] == 8
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    # Each step is in metrics.jsonl once, as the uninterrupted run logged it (log_every was
+    # 100 before the kill).
+    assert metrics_losses(killed) == metrics_losses(tmp_path / "straight")[4:]
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_path, device="cpu"):
