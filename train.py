@@ -11,6 +11,7 @@ weights.py, the reading and checking of config.yaml in configurator.py, the draw
 loss.png in plot.py, the probe of the learning signal in backbones.py and probes.py.
 """
 
+import atexit
 import gc
 import json
 import math
@@ -18,6 +19,7 @@ import os
 import platform
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -363,6 +365,52 @@ def probe_teacher(step):
         f"{record['probe_seconds']:.1f} s)")
 
 
+# ===== preemption =====
+# SIGTERM (a scheduler or torchrun stopping the job) and SIGUSR1 (SLURM's --signal, sent ahead
+# of a job's time limit) end the run after the step in progress, with a checkpoint at that
+# step, from which the same command resumes bitwise. The handler only raises a flag: the loop
+# reads it between steps.
+received_signal = 0
+
+
+def on_signal(signum, frame):
+    global received_signal
+    received_signal = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+for stop_signal_number in STOP_SIGNALS:
+    signal.signal(stop_signal_number, on_signal)
+# The ranks must stop after the same step (a checkpoint gathers every rank's RNG state), yet a
+# signal may reach one rank a step before another. They agree every step over a gloo group of
+# their own on the CPU, which costs no GPU sync (a flag on the GPU would stall the host).
+if distributed:
+    cpu_group = dist.new_group(backend="gloo")
+
+
+def stop_signal():
+    """The signal that ends the run after this step if any rank has received one; else 0."""
+    if not distributed:
+        return received_signal
+    flag = torch.tensor([received_signal])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=cpu_group)
+    return int(flag)
+
+
+def deaf_to_stop_signals(loader):
+    """`loader`, its worker processes started (at the first batch) with the stop signals
+    blocked, as they then stay. torchrun and SLURM signal every process of a rank, and a loader
+    worker dies of SIGTERM (torch's own handler in it) and, unless forked, of SIGUSR1, which
+    fails the run before it can save; blocked, a signal waits in the worker unseen."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        first = next(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    yield first
+    yield from loader
+
+
 # ===== loop =====
 TERMS = ("dino_local", "dino_global", "koleo", "ibot", "loss")
 log(f"training steps {start_step} -> {total_steps}: global batch {global_batch} "
@@ -441,6 +489,10 @@ batches = data.PretrainBatches(
     on_bad_file=config["data.on_bad_file"], mask_ratio=tuple(config["mask.ratio"]),
     mask_prob=config["mask.prob"])
 loader = data.iterate(batches, num_workers=config["data.workers"], pin_memory=use_cuda)
+loader = deaf_to_stop_signals(loader)
+# Deaf to SIGTERM, its workers cannot be ended by the one multiprocessing sends at exit: the
+# loader ends them, before that, whichever way the run ends.
+atexit.register(loader.close)
 clip_grad = config["optim.clip_grad"]
 step = start_step
 while step < total_steps:
@@ -484,11 +536,17 @@ while step < total_steps:
         log_step(step, diagnostics, scheduled)
     if probe_set and (step % config["eval.every"] == 0 or step == total_steps):
         probe_teacher(step)
-    if step % config["train.save_every"] == 0 or step == total_steps:
+    stop = stop_signal()
+    if step % config["train.save_every"] == 0 or step == total_steps or stop:
         save_checkpoint(step)
+    if stop:
+        break
 
 # ===== export =====
-if master:
+if step < total_steps:  # stopped by a signal
+    log(f"stopped by {signal.Signals(stop).name} after step {step} of {total_steps}, with a "
+        f"checkpoint there: run the same command again (resume=true) to go on from it")
+elif master:
     export_dir = out_dir / "export"
     launcher = ["python"]
     if distributed:

@@ -273,9 +273,19 @@ def test_one_step_clips_each_network_and_moves_the_teacher_by_the_ema(phantom_se
         assert math.sqrt(squares) == pytest.approx(lr * clip / eps, rel=1e-2), network
 
 
-def test_resume_after_sigkill_is_bitwise_identical(phantom_set, tmp_path):
-    args = ["train.steps=8", "train.save_every=4", "model.drop_path=0.1"]
-    train(tiny_run(phantom_set, tmp_path / "straight", *args))
+INTERRUPTED = ["train.steps=8", "train.save_every=4", "model.drop_path=0.1"]
+
+
+@pytest.fixture(scope="module")
+def straight_run(phantom_set, tmp_path_factory):
+    """The uninterrupted run that the interrupted ones are compared with."""
+    out = tmp_path_factory.mktemp("straight")
+    train(tiny_run(phantom_set, out, *INTERRUPTED))
+    return out
+
+
+def test_resume_after_sigkill_is_bitwise_identical(phantom_set, straight_run, tmp_path):
+    args = INTERRUPTED
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
                                 *tiny_run(phantom_set, killed, *args, "train.log_every=100")],
@@ -295,13 +305,63 @@ def test_resume_after_sigkill_is_bitwise_identical(phantom_set, tmp_path):
         metrics.write('{"step": 5, "loss": 99.0}\n{"step": 6, "loss": 99.0}\n')
     result = train(tiny_run(phantom_set, killed, *args))
     assert "resumed from" in result.stdout and "checkpoint_0000004.pt" in result.stdout
-    a, b = student_state(tmp_path / "straight"), student_state(killed)
+    a, b = student_state(straight_run), student_state(killed)
     assert a["step"] == b["step"] == 8
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     # Each step is in metrics.jsonl once, as the uninterrupted run logged it (log_every was
     # 100 before the kill).
-    assert metrics_losses(killed) == metrics_losses(tmp_path / "straight")[4:]
+    assert metrics_losses(killed) == metrics_losses(straight_run)[4:]
+
+
+def wait_for(condition, process, timeout=240):
+    """Polls until condition() holds; False if the process ended or time ran out first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def logged_steps(out_dir):
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    # the last line may be half written
+    return [json.loads(line)["step"] for line in path.read_text().splitlines(keepends=True)
+            if line.endswith("\n")]
+
+
+def test_sigterm_stops_after_a_step_with_a_checkpoint_and_the_run_resumes_bitwise(
+        phantom_set, straight_run, tmp_path):
+    """SIGTERM to every process of the run, loader workers included, as torchrun and SLURM
+    send it: the run saves the step it is at and exits with 0; the same command goes on."""
+    stopped = tmp_path / "stopped"
+    command = [sys.executable, str(ROOT / "train.py"),
+               *tiny_run(phantom_set, stopped, *INTERRUPTED, "data.workers=1")]
+    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert wait_for(lambda: 5 in logged_steps(stopped), process), "no step 5"
+        os.killpg(process.pid, signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, stderr[-3000:]
+    step = student_state(stopped)["step"]
+    assert 5 <= step < 8, "the run ended before it could be stopped"
+    assert (f"stopped by SIGTERM after step {step} of 8, with a checkpoint there"
+            in stdout.splitlines()[-1])
+    assert not (stopped / "export").exists()
+    result = train(command[2:])
+    assert f"resumed from {stopped / f'checkpoint_{step:07d}.pt'}" in result.stdout
+    a, b = student_state(straight_run), student_state(stopped)
+    assert a["step"] == b["step"] == 8
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert metrics_losses(stopped) == metrics_losses(straight_run)
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_path, device="cpu"):
@@ -373,6 +433,59 @@ def test_two_ranks_compiled_in_bf16_on_the_cpu(phantom_set, tmp_path):
     moved = [k for k in model if k.startswith("student.backbone.")
              and not torch.equal(model[k], model[k.replace("student.", "teacher.", 1)])]
     assert len(moved) > 100
+
+
+def rank_processes(torchrun):
+    """{rank: pid} of a torchrun process's workers, read from /proc."""
+    found = {}
+    children = Path(f"/proc/{torchrun.pid}/task/{torchrun.pid}/children").read_text().split()
+    for pid in children:
+        try:
+            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # it has just ended
+            continue
+        for variable in environment:
+            if variable.startswith(b"RANK="):
+                found[int(variable[len("RANK="):])] = int(pid)
+    return found
+
+
+def test_torchrun_restarts_a_killed_rank_from_the_checkpoint_and_ranks_stop_together(
+        phantom_set, tmp_path):
+    """Under torchrun --max-restarts=1 a rank killed mid-run brings the group back from the
+    newest checkpoint. Then SIGUSR1 to one rank alone: both stop after the same step, rank 0
+    saves it, and torchrun ends with 0."""
+    out = tmp_path / "run"
+    command = [*TORCHRUN, "--max-restarts=1", str(ROOT / "train.py"),
+               *tiny_run(phantom_set, out, "train.steps=8", "train.save_every=2")]
+    # torch >= 2.5 keeps one store for every restart, and a restarted gloo group can then
+    # read the old addresses (pytorch/pytorch#135712): a store per restart instead.
+    environment = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log_file,
+                                   stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: (out / "checkpoint_0000002.pt").exists(), process)
+        os.kill(rank_processes(process)[1], signal.SIGKILL)
+        # the restarted group's step 4, not the first one's
+        assert wait_for(lambda: "step 4/8" in log_path.read_text().partition("resumed")[2],
+                        process)
+        os.kill(rank_processes(process)[1], signal.SIGUSR1)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:  # stuck: its ranks too, each a session of its own
+            for pid in rank_processes(process).values():
+                os.kill(pid, signal.SIGKILL)
+            process.kill()
+    log = log_path.read_text()
+    assert process.returncode == 0, log[-3000:]
+    assert "resumed from" in log and "checkpoint_0000002.pt at step 2" in log
+    step = student_state(out)["step"]
+    assert 4 <= step < 8, "the run ended before it could be stopped"
+    assert f"stopped by SIGUSR1 after step {step} of 8" in log
+    assert logged_steps(out) == list(range(1, step + 1))  # each step once
+    assert not (out / "export").exists()
 
 
 def test_a_non_finite_loss_stops_the_run_without_a_checkpoint(phantom_set, tmp_path):
