@@ -13,6 +13,7 @@ loss.png in plot.py, the probe of the learning signal in backbones.py and probes
 
 import atexit
 import gc
+import importlib
 import json
 import math
 import os
@@ -47,10 +48,19 @@ HERE = Path(__file__).resolve().parent
 RESUMABLE_KEYS = {"resume", "out_dir", "train.steps", "train.save_every", "train.log_every",
                   "train.keep_checkpoints", "device", "compile", "precision", "data.root",
                   "data.workers", "data.on_bad_file", "eval.every", "eval.data", "eval.label",
-                  "eval.images"}
+                  "eval.images", "logger"}
 
 
 config = configurator.load_config(HERE / "config.yaml", sys.argv[1:])
+# The experiment logger's module, imported only when asked for, and at once: a missing package
+# stops the run before any work. Each is installed as the pip package of its name.
+LOGGER_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+if config["logger"]:
+    try:
+        logger_module = importlib.import_module(LOGGER_MODULES[config["logger"]])
+    except ImportError as error:
+        raise SystemExit(f"error: logger={config['logger']} needs the {config['logger']} "
+                         f"package ({error}): pip install {config['logger']}")
 
 # ===== distributed =====
 # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python train.py` is world size 1.
@@ -224,6 +234,7 @@ def schedule(step):
 
 # ===== resume =====
 start_step = 0
+logger_id = None  # the wandb run's, so that a resume goes on with the same run
 history = []
 earlier_skips = []  # files skipped before a resume, over every rank: [[source name, count]]
 earlier_checkpoints = weights.checkpoint_paths(out_dir)
@@ -263,6 +274,7 @@ if earlier_checkpoints:
     start_step = state["step"]
     history = state["history"]
     earlier_skips = state.get("skipped_files", [])
+    logger_id = state.get("logger_id")
     rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]  # drop path draws
     torch.set_rng_state(rng["cpu"])
     if use_cuda and "cuda" in rng:
@@ -321,7 +333,8 @@ def save_checkpoint(step):
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
              "rng": all_rng, "history": history, "config": config, "world_size": world_size,
-             "backbone_args": backbone.args, "code": code, "skipped_files": skipped_so_far}
+             "backbone_args": backbone.args, "code": code, "skipped_files": skipped_so_far,
+             "logger_id": logger_id}
     path = weights.save_checkpoint(state, out_dir, keep=config["train.keep_checkpoints"])
     plot.draw_curves(history, LOSS_PANELS, out_dir / "loss.png")
     log(f"saved {path}")
@@ -359,8 +372,7 @@ def probe_teacher(step):
     record = {"step": step, probe_key: value, f"{probe_key}_pixels": pixels,
               "probe_seconds": time.time() - start}
     history.append(record)
-    metrics_file.write(json.dumps(record) + "\n")
-    metrics_file.flush()
+    write_metrics(record)
     log(f"probe at step {step}: {probe_set.name} {value:.3f} (thumbnail {pixels:.3f}; "
         f"{record['probe_seconds']:.1f} s)")
 
@@ -419,11 +431,39 @@ log(f"training steps {start_step} -> {total_steps}: global batch {global_batch} 
 # metrics.jsonl holds the history: written again from the checkpoint's on a resume, so the
 # steps logged after that checkpoint and before a kill are not there twice once run again.
 metrics_file = None
+logger = None
 if master:
     metrics_file = open(out_dir / "metrics.jsonl", "w")
     for record in history:
         metrics_file.write(json.dumps(record) + "\n")
     metrics_file.flush()
+    if config["logger"] == "tensorboard":
+        # purge_step: TensorBoard hides what an earlier launch logged after the checkpoint.
+        logger = logger_module.SummaryWriter(str(out_dir / "tensorboard"),
+                                             purge_step=start_step + 1)
+    elif config["logger"] == "wandb":
+        # One wandb run for out_dir, its id kept in the checkpoints: a resume goes on with it
+        # (wandb drops the steps logged again after a kill, which hold the same values).
+        logger = logger_module.init(project="rad-dino", name=out_dir.name, dir=out_dir,
+                                    config=config, id=logger_id, resume="allow")
+        logger_id = logger.id
+
+
+def write_metrics(record):
+    """Rank 0: one record of the history into metrics.jsonl and, if there is one, the
+    logger (each number at the record's step)."""
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()  # a kill loses nothing
+    numbers = {key: value for key, value in record.items()
+               if key != "step" and type(value) in (int, float)}
+    if config["logger"] == "tensorboard":
+        for key, value in numbers.items():
+            logger.add_scalar(key, value, record["step"])
+        logger.flush()
+    elif config["logger"] == "wandb":
+        logger.log(numbers, step=record["step"])
+
+
 if probe_set and start_step == 0:
     probe_teacher(0)  # the network before any training: random init or init.backbone's
 warned = False
@@ -475,9 +515,8 @@ def log_step(step, diagnostics, scheduled):
         log("WARNING: the outputs look collapsed (teacher near-uniform, one prototype for every "
             "image, or all CLS embeddings alike). Check the learning rate, teacher temperature "
             "and centring (docs/short-runs.md).")
-    if metrics_file:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+    if master:
+        write_metrics(record)
     window_start = time.time()
     window_losses = torch.zeros_like(window_losses)
     window_steps = 0

@@ -18,6 +18,7 @@ import yaml
 from PIL import Image
 
 import backbones
+import configurator
 import data
 import phantoms
 import probes
@@ -88,6 +89,45 @@ def test_unknown_keys_and_wrong_types_are_clear_errors(tmp_path):
     result = train([f"config={tmp_path / 'other.yaml'}"], check=False)
     assert (result.returncode != 0 and "loss.koleo_wieght" in result.stderr
             and "other.yaml" in result.stderr)
+
+
+def test_the_logger_is_one_of_three_and_a_missing_package_is_named(tmp_path):
+    """The choices are checked with the config; a logger whose package is missing stops the
+    run at once, with the pip command (here a tensorboard package that fails to import)."""
+    with pytest.raises(SystemExit, match="logger must be one of , tensorboard, wandb"):
+        configurator.load_config(ROOT / "config.yaml", ["logger=mlflow"])
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "__init__.py").write_text("raise ImportError('not here')\n")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "logger=tensorboard",
+                             f"out_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT,
+                            env={**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: logger=tensorboard needs the tensorboard package (not here): "
+        "pip install tensorboard")
+    assert not (tmp_path / "run").exists()  # before any work
+
+
+def test_tensorboard_gets_every_number_of_metrics_jsonl(phantom_set, tmp_path):
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    train(tiny_run(phantom_set, out, "logger=tensorboard", "train.steps=2", "eval.every=2",
+                   f"eval.data={phantom_set}", "eval.label=age"))
+    events = event_accumulator.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 2]  # the probe at 0 and 2, steps 1 and 2
+    expected = {}
+    for record in records:
+        for key, value in record.items():
+            if key != "step":
+                expected.setdefault(key, []).append((record["step"], pytest.approx(value)))
+    assert "loss" in expected and "probe_age_r2" in expected
+    assert sorted(events.Tags()["scalars"]) == sorted(expected)
+    for key, values in expected.items():
+        assert [(e.step, e.value) for e in events.Scalars(key)] == values, key
 
 
 def test_a_short_run_end_to_end(phantom_set, tmp_path):
