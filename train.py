@@ -5,10 +5,11 @@
     torchrun --nproc_per_node=8 train.py config=...  # DDP: NCCL on GPUs, gloo on CPUs
 
 One script, top to bottom: config -> distributed -> data -> model -> optimiser and
-schedules -> resume -> learning signal -> loop -> export. The method lives in raddino.py,
-the images in data.py, the weight formats (checkpoints and the export's model card too) in
-weights.py, the reading and checking of config.yaml in configurator.py, the drawing of
-loss.png in plot.py, the probe of the learning signal in backbones.py and probes.py.
+schedules -> resume -> learning signal -> preemption -> loop -> export. The method lives in
+raddino.py, the images in data.py, the weight formats (checkpoints and the export's model
+card too) in weights.py, the reading and checking of config.yaml in configurator.py, the
+drawing of loss.png in plot.py, the probe of the learning signal in backbones.py and
+probes.py. SIGTERM or SIGUSR1 stops a run after its step, with a checkpoint to resume from.
 """
 
 import atexit
