@@ -1,5 +1,6 @@
 """train.py end to end, as a user runs it: config overrides, schedules, parameter groups,
-checkpoints, bitwise resume after SIGKILL, DDP on CPU, and the NaN stop."""
+checkpoints, bitwise resume after SIGKILL and SIGTERM, DDP on CPU with torchrun's restarts,
+the NaN stop and the experiment logger."""
 
 import inspect
 import json
@@ -313,47 +314,6 @@ def test_one_step_clips_each_network_and_moves_the_teacher_by_the_ema(phantom_se
         assert math.sqrt(squares) == pytest.approx(lr * clip / eps, rel=1e-2), network
 
 
-INTERRUPTED = ["train.steps=8", "train.save_every=4", "model.drop_path=0.1"]
-
-
-@pytest.fixture(scope="module")
-def straight_run(phantom_set, tmp_path_factory):
-    """The uninterrupted run that the interrupted ones are compared with."""
-    out = tmp_path_factory.mktemp("straight")
-    train(tiny_run(phantom_set, out, *INTERRUPTED))
-    return out
-
-
-def test_resume_after_sigkill_is_bitwise_identical(phantom_set, straight_run, tmp_path):
-    args = INTERRUPTED
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
-                                *tiny_run(phantom_set, killed, *args, "train.log_every=100")],
-                               cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while (not (killed / "checkpoint_0000004.pt").exists() and time.time() < deadline
-           and process.poll() is None):
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not (killed / "checkpoint_0000008.pt").exists(), (
-        "the run finished before it could be killed")
-    # as a kill mid-save leaves it, and the steps logged after the checkpoint
-    (killed / "checkpoint_0000006.pt.tmp999").write_bytes(b"half a checkpoint")
-    with open(killed / "metrics.jsonl", "a") as metrics:
-        metrics.write('{"step": 5, "loss": 99.0}\n{"step": 6, "loss": 99.0}\n')
-    result = train(tiny_run(phantom_set, killed, *args))
-    assert "resumed from" in result.stdout and "checkpoint_0000004.pt" in result.stdout
-    a, b = student_state(straight_run), student_state(killed)
-    assert a["step"] == b["step"] == 8
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    # Each step is in metrics.jsonl once, as the uninterrupted run logged it (log_every was
-    # 100 before the kill).
-    assert metrics_losses(killed) == metrics_losses(straight_run)[4:]
-
-
 def wait_for(condition, process, timeout=240):
     """Polls until condition() holds; False if the process ended or time ran out first."""
     deadline = time.time() + timeout
@@ -364,44 +324,58 @@ def wait_for(condition, process, timeout=240):
     return False
 
 
-def logged_steps(out_dir):
-    path = Path(out_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    # the last line may be half written
-    return [json.loads(line)["step"] for line in path.read_text().splitlines(keepends=True)
-            if line.endswith("\n")]
+def test_a_run_killed_then_stopped_by_sigterm_resumes_bitwise(phantom_set, tmp_path):
+    """SIGKILL after the checkpoint at step 4, a resume, then SIGTERM to every process of the
+    run (loader worker included, as torchrun and SLURM send it): it saves the step it is at
+    and exits with 0, and the same command ends the run as if it had never stopped."""
+    args = ["train.steps=8", "train.save_every=4", "model.drop_path=0.1"]
+    train(tiny_run(phantom_set, tmp_path / "straight", *args))
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
+                                *tiny_run(phantom_set, run, *args, "train.log_every=100")],
+                               cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    wait_for(lambda: (run / "checkpoint_0000004.pt").exists(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run / "checkpoint_0000008.pt").exists(), (
+        "the run finished before it could be killed")
+    # as a kill mid-save leaves it, and the steps logged after the checkpoint
+    (run / "checkpoint_0000006.pt.tmp999").write_bytes(b"half a checkpoint")
+    with open(run / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 5, "loss": 99.0}\n{"step": 6, "loss": 99.0}\n')
 
-
-def test_sigterm_stops_after_a_step_with_a_checkpoint_and_the_run_resumes_bitwise(
-        phantom_set, straight_run, tmp_path):
-    """SIGTERM to every process of the run, loader workers included, as torchrun and SLURM
-    send it: the run saves the step it is at and exits with 0; the same command goes on."""
-    stopped = tmp_path / "stopped"
     command = [sys.executable, str(ROOT / "train.py"),
-               *tiny_run(phantom_set, stopped, *INTERRUPTED, "data.workers=1")]
-    process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+               *tiny_run(phantom_set, run, *args, "data.workers=1")]
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log_file,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        assert wait_for(lambda: 5 in logged_steps(stopped), process), "no step 5"
+        assert wait_for(lambda: "step 5/8" in log_path.read_text(), process), "no step 5"
         os.killpg(process.pid, signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=60)
+        process.wait(timeout=60)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-    assert process.returncode == 0, stderr[-3000:]
-    step = student_state(stopped)["step"]
+    log = log_path.read_text()
+    assert process.returncode == 0, log[-3000:]
+    assert "resumed from" in log and "checkpoint_0000004.pt at step 4" in log
+    step = student_state(run)["step"]
     assert 5 <= step < 8, "the run ended before it could be stopped"
     assert (f"stopped by SIGTERM after step {step} of 8, with a checkpoint there"
-            in stdout.splitlines()[-1])
-    assert not (stopped / "export").exists()
+            in log.splitlines()[-1])
+    assert not (run / "export").exists()
+
     result = train(command[2:])
-    assert f"resumed from {stopped / f'checkpoint_{step:07d}.pt'}" in result.stdout
-    a, b = student_state(straight_run), student_state(stopped)
+    assert f"resumed from {run / f'checkpoint_{step:07d}.pt'}" in result.stdout
+    a, b = student_state(tmp_path / "straight"), student_state(run)
     assert a["step"] == b["step"] == 8
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    assert metrics_losses(stopped) == metrics_losses(straight_run)
+    # Each step is in metrics.jsonl once, as the uninterrupted run logged it (log_every was
+    # 100 before the kill).
+    assert metrics_losses(run) == metrics_losses(tmp_path / "straight")[4:]
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_path, device="cpu"):
@@ -473,6 +447,12 @@ def test_two_ranks_compiled_in_bf16_on_the_cpu(phantom_set, tmp_path):
     moved = [k for k in model if k.startswith("student.backbone.")
              and not torch.equal(model[k], model[k.replace("student.", "teacher.", 1)])]
     assert len(moved) > 100
+
+
+def logged_steps(out_dir):
+    """The steps of metrics.jsonl's records, in file order."""
+    records = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(record)["step"] for record in records]
 
 
 def rank_processes(torchrun):
