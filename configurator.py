@@ -64,7 +64,8 @@ def check_values(config):
     """The values a type check cannot judge, refused at once with the key's name."""
     choices = {"device": ("auto", "cuda", "cpu"), "compile": ("auto", True, False),
                "precision": ("auto", "bf16", "fp32"),
-               "centering": ("centering", "sinkhorn_knopp")}
+               "centering": ("centering", "sinkhorn_knopp"),
+               "logger": ("", "tensorboard", "wandb")}
     for key, allowed in choices.items():
         if config[key] not in allowed:
             raise SystemExit(f"error: {key} must be one of {', '.join(map(str, allowed))}, "

@@ -5,21 +5,25 @@
     torchrun --nproc_per_node=8 train.py config=...  # DDP: NCCL on GPUs, gloo on CPUs
 
 One script, top to bottom: config -> distributed -> data -> model -> optimiser and
-schedules -> resume -> learning signal -> loop -> export. The method lives in raddino.py,
-the images in data.py, the weight formats (checkpoints and the export's model card too) in
-weights.py, the reading and checking of config.yaml in configurator.py, the drawing of
-loss.png in plot.py, the probe of the learning signal in backbones.py and probes.py.
+schedules -> resume -> learning signal -> preemption -> loop -> export. The method lives in
+raddino.py, the images in data.py, the weight formats (checkpoints and the export's model
+card too) in weights.py, the reading and checking of config.yaml in configurator.py, the
+drawing of loss.png in plot.py, the probe of the learning signal in backbones.py and
+probes.py. SIGTERM or SIGUSR1 stops a run after its step, with a checkpoint to resume from.
 """
 
+import atexit
 import contextlib
 import datetime
 import gc
+import importlib
 import json
 import math
 import os
 import platform
 import resource
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -44,13 +48,22 @@ HERE = Path(__file__).resolve().parent
 # Keys a resume may change: how long, where and how the run is carried out, where its
 # data lie, and what watches it. Any other key differing from the checkpoint's stops the
 # resume.
-RESUMABLE_KEYS = {"resume", "out_dir", "train.steps", "train.save_every", "train.log_every",
+RESUMABLE_KEYS = {"resume", "out_dir", "train.steps", "train.accum_steps", "train.save_every", "train.log_every",
                   "train.keep_checkpoints", "device", "compile", "precision", "data.root",
                   "data.workers", "data.on_bad_file", "eval.every", "eval.data", "eval.label",
-                  "eval.images"}
+                  "eval.images", "logger"}
 
 
 config = configurator.load_config(HERE / "config.yaml", sys.argv[1:])
+# The experiment logger's module, imported only when asked for, and at once: a missing package
+# stops the run before any work. Each is installed as the pip package of its name.
+LOGGER_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
+if config["logger"]:
+    try:
+        logger_module = importlib.import_module(LOGGER_MODULES[config["logger"]])
+    except ImportError as error:
+        raise SystemExit(f"error: logger={config['logger']} needs the {config['logger']} "
+                         f"package ({error}): pip install {config['logger']}")
 
 # ===== distributed =====
 # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python train.py` is world size 1.
@@ -95,9 +108,6 @@ def code_version():
 autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 compile_networks = config["compile"] is True or (config["compile"] == "auto" and use_cuda)
 
-if master:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 gpu_name = f" ({torch.cuda.get_device_name(device)})" if use_cuda else ""
 code = code_version()  # once: a run keeps the version it started with
 log(f"RAD-DINO pretraining | code {code} | torch {torch.__version__} "
@@ -253,6 +263,7 @@ def schedule(step):
 
 # ===== resume =====
 start_step = 0
+logger_id = None  # the wandb run's, so that a resume goes on with the same run
 history = []
 earlier_skips = []  # files skipped before a resume, over every rank: [[source name, count]]
 earlier_checkpoints = weights.checkpoint_paths(out_dir)
@@ -270,6 +281,25 @@ if earlier_checkpoints:
     if state["step"] > config["train.steps"]:
         raise SystemExit(f"error: {path} is at step {state['step']}, past train.steps="
                          f"{config['train.steps']}: raise train.steps or choose another out_dir")
+    # The global batch is made of ranks x train.accum_steps parts, micro-batch j of rank r
+    # being part r x k + j: another number of ranks with accum_steps to match (8 GPUs x 1 ->
+    # 4 x 2) reads the same images in the same order. Any other change would change the
+    # global batch, the peak lr (sqrt scaling) and the data order. Checkpoints older than the
+    # world_size key are taken as they were.
+    trained_on = state.get("world_size", world_size)
+    trained_accum = state["config"].get("train.accum_steps", 1)
+    parts = trained_on * trained_accum
+    if parts != world_size * accum_steps:
+        batch_size = state["config"]["train.batch_size"]
+        fits = f" (here train.accum_steps={parts // world_size})" if parts % world_size == 0 else ""
+        raise SystemExit(f"error: {path} was trained on {trained_on} ranks x {trained_accum} "
+                         f"micro-batches (global batch {parts * batch_size}); this run has "
+                         f"{world_size} x {accum_steps} (global batch {global_batch}): resume "
+                         f"with ranks x train.accum_steps = {parts}{fits}, or start over with "
+                         f"another out_dir")
+    if trained_on != world_size:
+        log(f"resuming {trained_on} ranks x {trained_accum} micro-batches as {world_size} x "
+            f"{accum_steps}: the same global batch and data; drop path draws from other streams")
     # A resume may change how the run is carried out, never what it computes: another
     # recipe (say, an older config.yaml's) on top of these weights would be neither run.
     changed = [f"{key}={state['config'].get(key)!r} -> {value!r}" for key, value in config.items()
@@ -282,11 +312,18 @@ if earlier_checkpoints:
     start_step = state["step"]
     history = state["history"]
     earlier_skips = state.get("skipped_files", [])
+    logger_id = state.get("logger_id")
     rng = state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0]  # drop path draws
     torch.set_rng_state(rng["cpu"])
     if use_cuda and "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], device)
     log(f"resumed from {path} at step {start_step}")
+
+# Only now that the run is accepted does out_dir get its config: a refused resume leaves the
+# config that matches the checkpoints beside it.
+if master:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
 # Files skipped per source (data.on_bad_file=skip), all of their bookkeeping: each rank
 # counts those it met; rank 0 also carries the checkpoint's counts (summed over ranks when it
@@ -333,8 +370,9 @@ def save_checkpoint(step):
     if not master:
         return
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "rng": all_rng, "history": history, "config": config,
-             "backbone_args": backbone.args, "code": code, "skipped_files": skipped_so_far}
+             "rng": all_rng, "history": history, "config": config, "world_size": world_size,
+             "backbone_args": backbone.args, "code": code, "skipped_files": skipped_so_far,
+             "logger_id": logger_id}
     path = weights.save_checkpoint(state, out_dir, keep=config["train.keep_checkpoints"])
     plot.draw_curves(history, LOSS_PANELS, out_dir / "loss.png")
     log(f"saved {path}")
@@ -372,10 +410,55 @@ def probe_teacher(step):
     record = {"step": step, probe_key: value, f"{probe_key}_pixels": pixels,
               "probe_seconds": time.time() - start}
     history.append(record)
-    metrics_file.write(json.dumps(record) + "\n")
-    metrics_file.flush()
+    write_metrics(record)
     log(f"probe at step {step}: {probe_set.name} {value:.3f} (thumbnail {pixels:.3f}; "
         f"{record['probe_seconds']:.1f} s)")
+
+
+# ===== preemption =====
+# SIGTERM (a scheduler or torchrun stopping the job) and SIGUSR1 (SLURM's --signal, sent ahead
+# of a job's time limit) end the run after the step in progress, with a checkpoint at that
+# step, from which the same command resumes bitwise. The handler only raises a flag: the loop
+# reads it between steps.
+received_signal = 0
+
+
+def on_signal(signum, frame):
+    global received_signal
+    received_signal = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+for stop_signal_number in STOP_SIGNALS:
+    signal.signal(stop_signal_number, on_signal)
+# The ranks must stop after the same step (a checkpoint gathers every rank's RNG state), yet a
+# signal may reach one rank a step before another. They agree every step over a gloo group of
+# their own on the CPU, which costs no GPU sync (a flag on the GPU would stall the host).
+if distributed:
+    cpu_group = dist.new_group(backend="gloo")
+
+
+def stop_signal():
+    """The signal that ends the run after this step if any rank has received one; else 0."""
+    if not distributed:
+        return received_signal
+    flag = torch.tensor([received_signal])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=cpu_group)
+    return int(flag)
+
+
+def deaf_to_stop_signals(loader):
+    """`loader`, its worker processes started (at the first batch) with the stop signals
+    blocked, as they then stay. torchrun and SLURM signal every process of a rank, and a loader
+    worker dies of SIGTERM (torch's own handler in it) and, unless forked, of SIGUSR1, which
+    fails the run before it can save; blocked, a signal waits in the worker unseen."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        first = next(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    yield first
+    yield from loader
 
 
 # ===== loop =====
@@ -383,7 +466,42 @@ TERMS = ("dino_local", "dino_global", "koleo", "ibot", "loss")
 log(f"training steps {start_step} -> {total_steps}: global batch {global_batch} "
     f"(x{2 + config['crops.n_local']} crops), peak lr {peak_lr:.2e}, "
     f"one epoch = {epoch_length} steps")
-metrics_file = open(out_dir / "metrics.jsonl", "a") if master else None
+# metrics.jsonl holds the history: written again from the checkpoint's on a resume, so the
+# steps logged after that checkpoint and before a kill are not there twice once run again.
+metrics_file = None
+logger = None
+if master:
+    metrics_file = open(out_dir / "metrics.jsonl", "w")
+    for record in history:
+        metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+    if config["logger"] == "tensorboard":
+        # purge_step: TensorBoard hides what an earlier launch logged after the checkpoint.
+        logger = logger_module.SummaryWriter(str(out_dir / "tensorboard"),
+                                             purge_step=start_step + 1)
+    elif config["logger"] == "wandb":
+        # One wandb run for out_dir, its id kept in the checkpoints: a resume goes on with it
+        # (wandb drops the steps logged again after a kill, which hold the same values).
+        logger = logger_module.init(project="rad-dino", name=out_dir.name, dir=out_dir,
+                                    config=config, id=logger_id, resume="allow")
+        logger_id = logger.id
+
+
+def write_metrics(record):
+    """Rank 0: one record of the history into metrics.jsonl and, if there is one, the
+    logger (each number at the record's step)."""
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()  # a kill loses nothing
+    numbers = {key: value for key, value in record.items()
+               if key != "step" and type(value) in (int, float)}
+    if config["logger"] == "tensorboard":
+        for key, value in numbers.items():
+            logger.add_scalar(key, value, record["step"])
+        logger.flush()
+    elif config["logger"] == "wandb":
+        logger.log(numbers, step=record["step"])
+
+
 if probe_set and start_step == 0:
     probe_teacher(0)  # the network before any training: random init or init.backbone's
 warned = False
@@ -416,8 +534,9 @@ def log_step(step, diagnostics, scheduled):
     else:
         memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     record = {"step": step, **terms, **scheduled, **collapse, "images_per_s": speed,
-              "peak_mem_gib": memory, "peak_reserved_gib": reserved,
-              "skipped_files": sum(n for _, n in skipped_so_far)}
+              "peak_mem_gib": memory, "skipped_files": sum(n for _, n in skipped_so_far)}
+    if reserved is not None:
+        record["peak_reserved_gib"] = reserved
     history.append(record)
     line = (f"step {step}/{total_steps} | loss {terms['loss']:.4f} "
             f"(dino local {terms['dino_local']:.3f} global {terms['dino_global']:.3f} "
@@ -441,9 +560,8 @@ def log_step(step, diagnostics, scheduled):
         log("WARNING: the outputs look collapsed (teacher near-uniform, one prototype for every "
             "image, or all CLS embeddings alike). Check the learning rate, teacher temperature "
             "and centring (docs/short-runs.md).")
-    if metrics_file:
-        metrics_file.write(json.dumps(record) + "\n")
-        metrics_file.flush()
+    if master:
+        write_metrics(record)
     window_start = time.time()
     window_losses = torch.zeros_like(window_losses)
     window_steps = 0
@@ -473,6 +591,10 @@ batches = data.PretrainBatches(
     on_bad_file=config["data.on_bad_file"], mask_ratio=tuple(config["mask.ratio"]),
     mask_prob=config["mask.prob"], accum_steps=accum_steps, highres=highres)
 loader = data.iterate(batches, num_workers=config["data.workers"], pin_memory=use_cuda)
+loader = deaf_to_stop_signals(loader)
+# Deaf to SIGTERM, its workers cannot be ended by the one multiprocessing sends at exit: the
+# loader ends them, before that, whichever way the run ends.
+atexit.register(loader.close)
 clip_grad = config["optim.clip_grad"]
 
 
@@ -531,9 +653,10 @@ while step < total_steps:
     step += 1
     window_losses += step_losses
     window_steps += 1
+    stop = stop_signal()  # SIGTERM or SIGUSR1 on any rank: a checkpoint here, then stop
     logging = step % config["train.log_every"] == 0 or step == total_steps
     probing = probe_set is not None and (step % config["eval.every"] == 0 or step == total_steps)
-    saving = step % config["train.save_every"] == 0 or step == total_steps
+    saving = step % config["train.save_every"] == 0 or step == total_steps or stop
     if logging or probing or saving:
         stop_if_not_finite(step)
     if logging:
@@ -542,9 +665,14 @@ while step < total_steps:
         probe_teacher(step)
     if saving:
         save_checkpoint(step)
+    if stop:
+        break
 
 # ===== export =====
-if master:
+if step < total_steps:  # stopped by a signal
+    log(f"stopped by {signal.Signals(stop).name} after step {step} of {total_steps}, with a "
+        f"checkpoint there: run the same command again (resume=true) to go on from it")
+elif master:
     export_dir = out_dir / "export"
     launcher = ["python"]
     if distributed:

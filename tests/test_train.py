@@ -1,5 +1,6 @@
 """train.py end to end, as a user runs it: config overrides, schedules, parameter groups,
-checkpoints, bitwise resume after SIGKILL, DDP on CPU, and the NaN stop."""
+checkpoints, bitwise resume after SIGKILL and SIGTERM, DDP on CPU with torchrun's restarts,
+the NaN stop and the experiment logger."""
 
 import inspect
 import json
@@ -53,6 +54,12 @@ def train(args, launcher=(sys.executable,), timeout=300, check=True):
     return result
 
 
+def metrics_losses(out_dir):
+    """[(step, loss)] of metrics.jsonl's step records, in file order."""
+    records = map(json.loads, (Path(out_dir) / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
 def student_state(out_dir):
     newest = sorted(Path(out_dir).glob("checkpoint_*.pt"))[-1]
     return torch.load(newest, weights_only=True)
@@ -97,6 +104,45 @@ def test_values_a_type_cannot_judge_are_refused_by_key():
                          ("train.accum_steps=0", "train.accum_steps must be at least 1")):
         with pytest.raises(SystemExit, match=re.escape(message)):
             configurator.load_config(defaults, [bad])
+
+
+def test_the_logger_is_one_of_three_and_a_missing_package_is_named(tmp_path):
+    """The choices are checked with the config; a logger whose package is missing stops the
+    run at once, with the pip command (here a tensorboard package that fails to import)."""
+    with pytest.raises(SystemExit, match="logger must be one of , tensorboard, wandb"):
+        configurator.load_config(ROOT / "config.yaml", ["logger=mlflow"])
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "__init__.py").write_text("raise ImportError('not here')\n")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "logger=tensorboard",
+                             f"out_dir={tmp_path / 'run'}"], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT,
+                            env={**ENV, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"})
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: logger=tensorboard needs the tensorboard package (not here): "
+        "pip install tensorboard")
+    assert not (tmp_path / "run").exists()  # before any work
+
+
+def test_tensorboard_gets_every_number_of_metrics_jsonl(phantom_set, tmp_path):
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator")
+    out = tmp_path / "run"
+    train(tiny_run(phantom_set, out, "logger=tensorboard", "train.steps=2", "eval.every=2",
+                   f"eval.data={phantom_set}", "eval.label=age"))
+    events = event_accumulator.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 2]  # the probe at 0 and 2, steps 1 and 2
+    expected = {}
+    for record in records:
+        for key, value in record.items():
+            if key != "step":
+                expected.setdefault(key, []).append((record["step"], pytest.approx(value)))
+    assert "loss" in expected and "probe_age_r2" in expected
+    assert sorted(events.Tags()["scalars"]) == sorted(expected)
+    for key, values in expected.items():
+        assert [(e.step, e.value) for e in events.Scalars(key)] == values, key
 
 
 def test_a_short_run_end_to_end(phantom_set, tmp_path):
@@ -145,6 +191,7 @@ def test_a_short_run_end_to_end(phantom_set, tmp_path):
     assert "python eval.py --backbone" in log
     # Starting over beside these checkpoints would mix two runs; so would resuming a run
     # that is already past train.steps.
+    run_config = (out / "config.yaml").read_text()
     result = train(tiny_run(phantom_set, out, "train.steps=3", "resume=false"), check=False)
     assert result.returncode != 0 and "holds checkpoints of an earlier run" in result.stderr
     result = train(tiny_run(phantom_set, out, "train.steps=2"), check=False)
@@ -154,6 +201,8 @@ def test_a_short_run_end_to_end(phantom_set, tmp_path):
                             "train.log_every=2"), check=False)
     assert result.returncode != 0 and "teacher_temp.end=0.01 -> 0.05" in result.stderr
     assert "train.log_every" not in result.stderr and "train.steps" not in result.stderr
+    # A refused run leaves out_dir's config as it was: the one its checkpoints were trained with.
+    assert (out / "config.yaml").read_text() == run_config
 
 
 def test_a_phantom_set_of_another_size_is_not_trained_on_silently(tmp_path):
@@ -287,30 +336,68 @@ def test_one_step_clips_each_network_and_moves_the_teacher_by_the_ema(phantom_se
         assert math.sqrt(squares) == pytest.approx(lr * clip / eps, rel=1e-2), network
 
 
-def test_resume_after_sigkill_is_bitwise_identical(phantom_set, tmp_path):
+def wait_for(condition, process, timeout=240):
+    """Polls until condition() holds; False if the process ended or time ran out first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_run_killed_then_stopped_by_sigterm_resumes_bitwise(phantom_set, tmp_path):
+    """SIGKILL after the checkpoint at step 4, a resume, then SIGTERM to every process of the
+    run (loader worker included, as torchrun and SLURM send it): it saves the step it is at
+    and exits with 0, and the same command ends the run as if it had never stopped."""
     args = ["train.steps=8", "train.save_every=4", "model.drop_path=0.1"]
     train(tiny_run(phantom_set, tmp_path / "straight", *args))
-    killed = tmp_path / "killed"
+    run = tmp_path / "run"
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"),
-                                *tiny_run(phantom_set, killed, *args, "train.log_every=100")],
+                                *tiny_run(phantom_set, run, *args, "train.log_every=100")],
                                cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while (not (killed / "checkpoint_0000004.pt").exists() and time.time() < deadline
-           and process.poll() is None):
-        time.sleep(0.02)
+    wait_for(lambda: (run / "checkpoint_0000004.pt").exists(), process)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert not (killed / "checkpoint_0000008.pt").exists(), (
+    assert not (run / "checkpoint_0000008.pt").exists(), (
         "the run finished before it could be killed")
-    # as a kill mid-save leaves it
-    (killed / "checkpoint_0000006.pt.tmp999").write_bytes(b"half a checkpoint")
-    result = train(tiny_run(phantom_set, killed, *args))
-    assert "resumed from" in result.stdout and "checkpoint_0000004.pt" in result.stdout
-    a, b = student_state(tmp_path / "straight"), student_state(killed)
+    # as a kill mid-save leaves it, and the steps logged after the checkpoint
+    (run / "checkpoint_0000006.pt.tmp999").write_bytes(b"half a checkpoint")
+    with open(run / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 5, "loss": 99.0}\n{"step": 6, "loss": 99.0}\n')
+
+    command = [sys.executable, str(ROOT / "train.py"),
+               *tiny_run(phantom_set, run, *args, "data.workers=1")]
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=log_file,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert wait_for(lambda: "step 5/8" in log_path.read_text(), process), "no step 5"
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    log = log_path.read_text()
+    assert process.returncode == 0, log[-3000:]
+    assert "resumed from" in log and "checkpoint_0000004.pt at step 4" in log
+    step = student_state(run)["step"]
+    assert 5 <= step < 8, "the run ended before it could be stopped"
+    assert (f"stopped by SIGTERM after step {step} of 8, with a checkpoint there"
+            in log.splitlines()[-1])
+    assert not (run / "export").exists()
+
+    result = train(command[2:])
+    assert f"resumed from {run / f'checkpoint_{step:07d}.pt'}" in result.stdout
+    a, b = student_state(tmp_path / "straight"), student_state(run)
     assert a["step"] == b["step"] == 8
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
+    # Each step is in metrics.jsonl once, as the uninterrupted run logged it (log_every was
+    # 100 before the kill).
+    assert metrics_losses(run) == metrics_losses(tmp_path / "straight")[4:]
 
 
 def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_path, device="cpu"):
@@ -355,6 +442,19 @@ def test_two_processes_equal_one_with_the_same_global_batch(phantom_set, tmp_pat
     assert skipped["straight"] == skipped["two"]
     # Each rank draws drop path from its own stream (seed + rank), as DINOv2 does.
     assert not torch.equal(two["rng"][0]["cpu"], two["rng"][1]["cpu"])
+    # One process cannot go on with two ranks' run: the global batch, the lr and the data
+    # order would change. The refusal names both sizes and the accum_steps that would fit;
+    # with it, the run goes on.
+    result = train(tiny_run(phantom_set, tmp_path / "two", *args, "train.batch_size=4",
+                            "train.steps=5"), check=False)
+    assert result.returncode != 0
+    assert ("checkpoint_0000004.pt was trained on 2 ranks x 1 micro-batches (global batch 8); "
+            "this run has 1 x 1 (global batch 4): resume with ranks x train.accum_steps = 2 "
+            "(here train.accum_steps=2)") in result.stderr
+    result = train(tiny_run(phantom_set, tmp_path / "two", *args, "train.batch_size=4",
+                            "train.steps=5", "train.accum_steps=2"))
+    assert "resuming 2 ranks x 1 micro-batches as 1 x 2" in result.stdout
+    assert "global batch 8" in result.stdout and student_state(tmp_path / "two")["step"] == 5
 
 
 @pytest.mark.cuda
@@ -384,6 +484,65 @@ def test_two_ranks_compiled_in_bf16_on_the_cpu(phantom_set, tmp_path):
     moved = [k for k in model if k.startswith("student.backbone.")
              and not torch.equal(model[k], model[k.replace("student.", "teacher.", 1)])]
     assert len(moved) > 100
+
+
+def logged_steps(out_dir):
+    """The steps of metrics.jsonl's records, in file order."""
+    records = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(record)["step"] for record in records]
+
+
+def rank_processes(torchrun):
+    """{rank: pid} of a torchrun process's workers, read from /proc."""
+    found = {}
+    children = Path(f"/proc/{torchrun.pid}/task/{torchrun.pid}/children").read_text().split()
+    for pid in children:
+        try:
+            environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:  # it has just ended
+            continue
+        for variable in environment:
+            if variable.startswith(b"RANK="):
+                found[int(variable[len("RANK="):])] = int(pid)
+    return found
+
+
+def test_torchrun_restarts_a_killed_rank_from_the_checkpoint_and_ranks_stop_together(
+        phantom_set, tmp_path):
+    """Under torchrun --max-restarts=1 a rank killed mid-run brings the group back from the
+    newest checkpoint. Then SIGUSR1 to one rank alone: both stop after the same step, rank 0
+    saves it, and torchrun ends with 0."""
+    out = tmp_path / "run"
+    command = [*TORCHRUN, "--max-restarts=1", str(ROOT / "train.py"),
+               *tiny_run(phantom_set, out, "train.steps=8", "train.save_every=2")]
+    # torch >= 2.5 keeps one store for every restart, and a restarted gloo group can then
+    # read the old addresses (pytorch/pytorch#135712): a store per restart instead.
+    environment = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=log_file,
+                                   stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: (out / "checkpoint_0000002.pt").exists(), process)
+        os.kill(rank_processes(process)[1], signal.SIGKILL)
+        # the restarted group's step 4, not the first one's
+        assert wait_for(lambda: "step 4/8" in log_path.read_text().partition("resumed")[2],
+                        process)
+        os.kill(rank_processes(process)[1], signal.SIGUSR1)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:  # stuck: its ranks too, each a session of its own
+            for pid in rank_processes(process).values():
+                os.kill(pid, signal.SIGKILL)
+            process.kill()
+    log = log_path.read_text()
+    assert process.returncode == 0, log[-3000:]
+    assert "resumed from" in log and "checkpoint_0000002.pt at step 2" in log
+    step = student_state(out)["step"]
+    assert 4 <= step < 8, "the run ended before it could be stopped"
+    assert f"stopped by SIGUSR1 after step {step} of 8" in log
+    assert logged_steps(out) == list(range(1, step + 1))  # each step once
+    assert not (out / "export").exists()
 
 
 def test_a_non_finite_loss_stops_the_run_without_a_checkpoint(phantom_set, tmp_path):
