@@ -220,7 +220,8 @@ def memory(out_dir, dry_run):
         run_checked(train_command(1, run, [*options, *extra], dry_run), env=env)
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
         report(f"configs/rad-dino.yaml from scratch, {name}",
-               peak_allocated_gib=last["peak_mem_gib"], peak_reserved_gib=last.get("peak_reserved_gib"),
+               peak_allocated_gib=last["peak_mem_gib"],
+               peak_reserved_gib=last.get("peak_reserved_gib"),
                images_per_s=last["images_per_s"])
 
 

@@ -11,6 +11,7 @@ DINOv2's dinov2/data/masking.py draws them.
 """
 import csv
 import math
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -589,8 +590,13 @@ class PretrainBatches(torch.utils.data.Dataset):
         return {**batch, "step": step, "skipped": skipped}
 
 
-def iterate(batches, num_workers=0, pin_memory=False):
-    """The batches in step order, built by num_workers processes (each builds whole batches)."""
+def iterate(batches, num_workers=0, pin_memory=False, blocked_signals=()):
+    """The batches in step order, built by num_workers processes (each builds whole batches).
+
+    The workers start with `blocked_signals` blocked, as they then stay: train.py's stop
+    signals (SIGTERM, SIGUSR1) reach every process of a rank under torchrun and SLURM, and a
+    worker dies of SIGTERM (torch's handler in it) and, unless forked, of SIGUSR1, which fails
+    the run before it can save; blocked, a signal waits in the worker unseen."""
     loader = torch.utils.data.DataLoader(
         batches,
         batch_size=None,  # the items already are batches
@@ -601,7 +607,12 @@ def iterate(batches, num_workers=0, pin_memory=False):
         persistent_workers=num_workers > 0,
         generator=torch.Generator(),  # its own: starting the loader leaves torch's RNG alone
     )
-    for batch in loader:
+    signal.pthread_sigmask(signal.SIG_BLOCK, blocked_signals)
+    try:
+        in_order = iter(loader)  # the workers start here, inheriting the mask
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked_signals)
+    for batch in in_order:
         if "error" in batch:
             raise ImageError(batch["error"])
         yield batch

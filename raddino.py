@@ -665,8 +665,9 @@ class StudentTeacher(nn.Module):
             cls, patch = self.teacher_heads(teacher_cls, teacher_patch)
             cls_logits.append(cls)
             patch_logits.append(patch)
-        dino_targets = self.targets(cat_rows(cls_logits), self.dino_center, teacher_temp)  # (2B, K)
-        ibot_targets = self.targets(cat_rows(patch_logits), self.ibot_center, teacher_temp)  # (M, K)
+        # (2B, K) and (M, K), over every micro-batch
+        dino_targets = self.targets(cat_rows(cls_logits), self.dino_center, teacher_temp)
+        ibot_targets = self.targets(cat_rows(patch_logits), self.ibot_center, teacher_temp)
         dino_targets = dino_targets.split([len(logits) for logits in cls_logits])
         ibot_targets = ibot_targets.split([len(logits) for logits in patch_logits])
         return list(zip(dino_targets, ibot_targets))

@@ -16,8 +16,6 @@ import atexit
 import contextlib
 import datetime
 import gc
-import importlib
-import json
 import math
 import os
 import platform
@@ -36,6 +34,7 @@ import yaml
 import backbones
 import configurator
 import data
+import metrics
 import phantoms
 import plot
 import raddino
@@ -48,22 +47,15 @@ HERE = Path(__file__).resolve().parent
 # Keys a resume may change: how long, where and how the run is carried out, where its
 # data lie, and what watches it. Any other key differing from the checkpoint's stops the
 # resume.
-RESUMABLE_KEYS = {"resume", "out_dir", "train.steps", "train.accum_steps", "train.save_every", "train.log_every",
+RESUMABLE_KEYS = {"resume", "out_dir", "train.steps", "train.save_every", "train.log_every",
                   "train.keep_checkpoints", "device", "compile", "precision", "data.root",
                   "data.workers", "data.on_bad_file", "eval.every", "eval.data", "eval.label",
-                  "eval.images", "logger"}
+                  "eval.images", "logger",
+                  "train.accum_steps"}  # with the number of ranks to match (see resume)
 
 
 config = configurator.load_config(HERE / "config.yaml", sys.argv[1:])
-# The experiment logger's module, imported only when asked for, and at once: a missing package
-# stops the run before any work. Each is installed as the pip package of its name.
-LOGGER_MODULES = {"tensorboard": "torch.utils.tensorboard", "wandb": "wandb"}
-if config["logger"]:
-    try:
-        logger_module = importlib.import_module(LOGGER_MODULES[config["logger"]])
-    except ImportError as error:
-        raise SystemExit(f"error: logger={config['logger']} needs the {config['logger']} "
-                         f"package ({error}): pip install {config['logger']}")
+logger_module = metrics.import_logger(config["logger"])  # at once: a missing package stops here
 
 # ===== distributed =====
 # torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python train.py` is world size 1.
@@ -410,7 +402,7 @@ def probe_teacher(step):
     record = {"step": step, probe_key: value, f"{probe_key}_pixels": pixels,
               "probe_seconds": time.time() - start}
     history.append(record)
-    write_metrics(record)
+    metrics_log.write(record)
     log(f"probe at step {step}: {probe_set.name} {value:.3f} (thumbnail {pixels:.3f}; "
         f"{record['probe_seconds']:.1f} s)")
 
@@ -447,59 +439,16 @@ def stop_signal():
     return int(flag)
 
 
-def deaf_to_stop_signals(loader):
-    """`loader`, its worker processes started (at the first batch) with the stop signals
-    blocked, as they then stay. torchrun and SLURM signal every process of a rank, and a loader
-    worker dies of SIGTERM (torch's own handler in it) and, unless forked, of SIGUSR1, which
-    fails the run before it can save; blocked, a signal waits in the worker unseen."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        first = next(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    yield first
-    yield from loader
-
-
 # ===== loop =====
 TERMS = ("dino_local", "dino_global", "koleo", "ibot", "loss")
 log(f"training steps {start_step} -> {total_steps}: global batch {global_batch} "
     f"(x{2 + config['crops.n_local']} crops), peak lr {peak_lr:.2e}, "
     f"one epoch = {epoch_length} steps")
-# metrics.jsonl holds the history: written again from the checkpoint's on a resume, so the
-# steps logged after that checkpoint and before a kill are not there twice once run again.
-metrics_file = None
-logger = None
+metrics_log = None  # rank 0's metrics.jsonl, and the logger
 if master:
-    metrics_file = open(out_dir / "metrics.jsonl", "w")
-    for record in history:
-        metrics_file.write(json.dumps(record) + "\n")
-    metrics_file.flush()
-    if config["logger"] == "tensorboard":
-        # purge_step: TensorBoard hides what an earlier launch logged after the checkpoint.
-        logger = logger_module.SummaryWriter(str(out_dir / "tensorboard"),
-                                             purge_step=start_step + 1)
-    elif config["logger"] == "wandb":
-        # One wandb run for out_dir, its id kept in the checkpoints: a resume goes on with it
-        # (wandb drops the steps logged again after a kill, which hold the same values).
-        logger = logger_module.init(project="rad-dino", name=out_dir.name, dir=out_dir,
-                                    config=config, id=logger_id, resume="allow")
-        logger_id = logger.id
-
-
-def write_metrics(record):
-    """Rank 0: one record of the history into metrics.jsonl and, if there is one, the
-    logger (each number at the record's step)."""
-    metrics_file.write(json.dumps(record) + "\n")
-    metrics_file.flush()  # a kill loses nothing
-    numbers = {key: value for key, value in record.items()
-               if key != "step" and type(value) in (int, float)}
-    if config["logger"] == "tensorboard":
-        for key, value in numbers.items():
-            logger.add_scalar(key, value, record["step"])
-        logger.flush()
-    elif config["logger"] == "wandb":
-        logger.log(numbers, step=record["step"])
+    metrics_log = metrics.MetricsLog(out_dir, history, config["logger"], logger_module, config,
+                                     start_step, run_id=logger_id)
+    logger_id = metrics_log.run_id
 
 
 if probe_set and start_step == 0:
@@ -561,7 +510,7 @@ def log_step(step, diagnostics, scheduled):
             "image, or all CLS embeddings alike). Check the learning rate, teacher temperature "
             "and centring (docs/short-runs.md).")
     if master:
-        write_metrics(record)
+        metrics_log.write(record)
     window_start = time.time()
     window_losses = torch.zeros_like(window_losses)
     window_steps = 0
@@ -590,8 +539,8 @@ batches = data.PretrainBatches(
     rank=rank, world_size=world_size, start_step=start_step,
     on_bad_file=config["data.on_bad_file"], mask_ratio=tuple(config["mask.ratio"]),
     mask_prob=config["mask.prob"], accum_steps=accum_steps, highres=highres)
-loader = data.iterate(batches, num_workers=config["data.workers"], pin_memory=use_cuda)
-loader = deaf_to_stop_signals(loader)
+loader = data.iterate(batches, num_workers=config["data.workers"], pin_memory=use_cuda,
+                      blocked_signals=STOP_SIGNALS)
 # Deaf to SIGTERM, its workers cannot be ended by the one multiprocessing sends at exit: the
 # loader ends them, before that, whichever way the run ends.
 atexit.register(loader.close)

@@ -28,4 +28,7 @@ if __name__ == "__main__":
         results.append({"centred": probs, "center": center.center.clone(),
                         "sinkhorn": raddino.sinkhorn_knopp(step[rank], 0.1)})
     torch.save(results, f"{sys.argv[1]}/rank{rank}.pt")
+    # Both ranks done before either tears the group down: on torch 2.4 a rank that leaves
+    # while the other is still connected hangs the exit one time in four.
+    dist.barrier()
     dist.destroy_process_group()
