@@ -619,6 +619,10 @@ def test_mixture_batches_are_a_pure_function_of_seed_step_and_rank(tmp_path):
         assert same(micro_batch, halves[j])
         assert torch.equal(micro_batch["mask_indices"], halves[j]["mask_indices"])
     assert same(mixture(tmp_path, batch_size=2, accum_steps=2, start_step=4)[1], halves[1])
+    # Rank 1 of 2 accumulating 2 reads parts 2 and 3 of 4: what ranks 2 and 3 of 4 read.
+    quarters = [mixture(tmp_path, batch_size=1, rank=r, world_size=4)[4] for r in (2, 3)]
+    second_rank = mixture(tmp_path, batch_size=1, rank=1, world_size=2, accum_steps=2)
+    assert same(second_rank[8], quarters[0]) and same(second_rank[9], quarters[1])
 
 
 def test_the_high_resolution_phase_starts_at_its_step(tmp_path):
