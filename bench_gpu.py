@@ -172,7 +172,8 @@ def smoke(out_dir, dry_run):
 
 def cuda_tests(out_dir, dry_run):
     stdout = run_checked([sys.executable, "-m", "pytest", "-q", "-m", "cuda",
-                          "-p", "no:cacheprovider"])
+                          "-p", "no:cacheprovider", "tests/test_gpu_path.py",
+                          "tests/test_train.py"])  # where the cuda tests are
     report("pytest -m cuda", summary=stdout.strip().splitlines()[-1])
 
 
@@ -244,10 +245,10 @@ def learn(out_dir, dry_run):
         options = ["model.arch=vit_tiny", "crops.global_size=56", "crops.local_size=28",
                    f"data.root={phantom_set}", "train.batch_size=4", "train.steps=2",
                    "train.save_every=2", "data.workers=0"]
-        # 50 steps of the seg head: the dry run checks the plumbing, not the probe.
+        # 10 steps of the seg head: the dry run checks the plumbing, not the probe.
         evals = [("phantoms", phantom_set, ["--task", "linear", "knn", "--label", "finding"]),
                  ("phantoms, 3 folds", phantom_set, ["--task", "linear", "knn", "seg", "sex",
-                                                     "age", "--folds", "3", "--seg-steps", "50"])]
+                                                     "age", "--folds", "3", "--seg-steps", "10"])]
         size = 56
     start = time.time()
     stdout = run_checked(train_command(1, out_dir / "run", options, dry_run))

@@ -612,8 +612,12 @@ def iterate(batches, num_workers=0, pin_memory=False, blocked_signals=()):
         in_order = iter(loader)  # the workers start here, inheriting the mask
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, blocked_signals)
-    for batch in in_order:
+    while True:  # the sampler is endless
+        batch = next(in_order)
         if "error" in batch:
+            # The workers end now, not when the traceback that holds this frame is collected
+            # (at exit, that can take seconds).
+            del in_order, loader
             raise ImageError(batch["error"])
         yield batch
 
