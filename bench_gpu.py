@@ -129,9 +129,11 @@ def last_step_line(stdout):
 
 
 def train_command(n_procs, out_dir, options, dry_run):
-    """train.py under torchrun with n_procs processes: NCCL on GPUs, gloo in the dry run."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                f"--nproc_per_node={n_procs}"]
+    """train.py under torchrun with n_procs processes (NCCL on GPUs, gloo in the dry run), or
+    as one plain process for n_procs=None."""
+    launcher = [sys.executable]
+    if n_procs:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_procs}"]
     command = [*launcher, str(HERE / "train.py"), f"out_dir={out_dir}", "resume=false", *options]
     if dry_run:
         command += ["device=cpu", "compile=false", "precision=fp32"]
@@ -218,7 +220,7 @@ def memory(out_dir, dry_run):
         env = {**os.environ}
         if allocator != "default":
             env["PYTORCH_CUDA_ALLOC_CONF"] = allocator
-        run_checked(train_command(1, run, [*options, *extra], dry_run), env=env)
+        run_checked(train_command(None, run, [*options, *extra], dry_run), env=env)
         last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
         report(f"configs/rad-dino.yaml from scratch, {name}",
                peak_allocated_gib=last["peak_mem_gib"],
@@ -251,7 +253,7 @@ def learn(out_dir, dry_run):
                                                      "age", "--folds", "3", "--seg-steps", "10"])]
         size = 56
     start = time.time()
-    stdout = run_checked(train_command(1, out_dir / "run", options, dry_run))
+    stdout = run_checked(train_command(None, out_dir / "run", options, dry_run))
     report("pretraining", minutes=(time.time() - start) / 60, last_step=last_step_line(stdout))
     export = out_dir / "run" / "export"
     for name, table, task in evals:
