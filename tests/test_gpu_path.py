@@ -170,7 +170,7 @@ def test_the_teacher_does_not_checkpoint(monkeypatch):
 
 def test_the_loss_chain_keeps_few_full_size_buffers():
     """At RAD-DINO's scale one (M, K) buffer (masked tokens x prototypes) is ~4 GiB in fp32.
-    The teacher's targets take one new buffer (worked on in place; 3 before); the student's
+    The teacher's targets hold one new buffer (worked on in place; 2 before); the student's
     bf16 step peaks at 3.5 fp32 copies (4 before): its bf16 logits (0.5), the targets, the
     scaled logits and their log-softmax, with no (M, K) product beside them."""
     logits = torch.randn(37, 1001)
