@@ -57,6 +57,21 @@ def graph_calls(graph_module, op):
     return any(node.target is op for node in graph_module.graph.nodes)
 
 
+def compile_recording(step, backend=None):
+    """Compiles step's networks with a backend that records every graph torch.compile
+    captures (into the list returned), then runs it eagerly or hands it to `backend`."""
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        if backend is None:
+            return graph_module.forward
+        return backend(graph_module, example_inputs)
+
+    step.compile_networks(backend=record)
+    return graphs
+
+
 def symbolic_inputs(graph_module):
     """The placeholders of a captured graph whose shapes are symbolic (dynamic)."""
     found = []
@@ -74,13 +89,7 @@ def test_compile_networks_compiles_the_backbone_itself():
     """compile() wraps __call__; a step that called forward_features directly would compile
     only the heads. A recording backend sees every graph that torch.compile captures."""
     step = make_step()
-    graphs = []
-
-    def record(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    step.compile_networks(backend=record)
+    graphs = compile_recording(step)
     losses, _ = step(*make_batch(), teacher_temp=0.07)
     losses["loss"].backward()
     attention = F.scaled_dot_product_attention
@@ -94,13 +103,7 @@ def test_the_compiled_backbones_have_static_shapes():
     kernels shape-generic). Only the heads see a row count that changes, and after the
     second step (a new mask count) nothing compiles again."""
     step = make_step()
-    graphs = []
-
-    def record(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    step.compile_networks(backend=record)
+    graphs = compile_recording(step)
     counts = []
     for seed in range(3):
         global_crops, local_crops, masks = make_batch(seed=seed)
@@ -211,14 +214,7 @@ def test_compiled_ddp_with_split_buckets_and_checkpointing(tmp_path):
                                num_heads=4, layerscale_init=0.5, drop_path_rate=0.1)
         backbone.grad_checkpointing = True
         step = raddino.StudentTeacher(backbone, out_dim=24, hidden_dim=16, bottleneck_dim=8)
-        graphs = []
-        aot_eager = torch._dynamo.lookup_backend("aot_eager")
-
-        def record(graph_module, example_inputs):
-            graphs.append(graph_module)
-            return aot_eager(graph_module, example_inputs)
-
-        step.compile_networks(backend=record)
+        graphs = compile_recording(step, torch._dynamo.lookup_backend("aot_eager"))
         model = torch.nn.parallel.DistributedDataParallel(step, bucket_cap_mb=1,
                                                           broadcast_buffers=False)
         optimizer = torch.optim.AdamW(step.student.parameters(), lr=1e-3)
