@@ -239,12 +239,12 @@ def schedule(step):
     # Continued pretraining: fresh heads train on a still backbone first, then the backbone
     # joins under a warm-up of its own, from 0 over optim.warmup_epochs.
     backbone_frozen_steps = config["train.freeze_backbone_epochs"] * epoch_length
-    backbone_warmup = min(1.0, max(0.0, step - backbone_frozen_steps) / max(1, warmup_steps))
-    if not backbone_frozen_steps:
-        backbone_warmup = 1.0
+    backbone_lr = lr
+    if backbone_frozen_steps:
+        backbone_lr *= min(1.0, max(0, step - backbone_frozen_steps) / max(1, warmup_steps))
     return {
         "lr": lr,
-        "backbone_lr": lr * backbone_warmup,
+        "backbone_lr": backbone_lr,
         "last_layer_lr": 0.0 if step < frozen_steps else lr,
         "wd": cosine(step, config["optim.weight_decay"], config["optim.weight_decay_end"]),
         "momentum": cosine(step, config["momentum.start"], config["momentum.end"]),
